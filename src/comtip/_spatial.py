@@ -1,0 +1,78 @@
+"""Shared helpers for SpatialData: units of coordinate systems, finding tables/images/shapes, validation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import _constants as C
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+
+def set_units(sdata: SpatialData, coordinate_system: str, unit: str = "um") -> None:
+    """Record that ``coordinate_system`` of ``sdata`` is in ``unit`` (µm for all comtip readers)."""
+    attrs = sdata.attrs.setdefault(C.ATTRS_KEY, {})
+    attrs.setdefault(C.ATTRS_UNITS, {})[coordinate_system] = unit
+
+
+def get_units(sdata: SpatialData, coordinate_system: str) -> str | None:
+    """Unit of ``coordinate_system`` recorded by comtip's readers, or ``None``."""
+    return sdata.attrs.get(C.ATTRS_KEY, {}).get(C.ATTRS_UNITS, {}).get(coordinate_system)
+
+
+def get_table(sdata: SpatialData, table_key: str) -> AnnData:
+    """``sdata.tables[table_key]`` with an error that lists the tables when it is missing."""
+    if table_key not in sdata.tables:
+        msg = (
+            f"No table {table_key!r} in the SpatialData object (tables: {list(sdata.tables) or 'none'}). "
+            "Pass table_key= with the name of the table that annotates the spots."
+        )
+        raise KeyError(msg)
+    return sdata.tables[table_key]
+
+
+def table_regions(sdata: SpatialData, table_key: str) -> tuple[list[str], str, str]:
+    """Regions the table annotates, its region key and instance key; errors name what is missing."""
+    table = get_table(sdata, table_key)
+    attrs: dict[str, Any] = table.uns.get("spatialdata_attrs", {})
+    if not attrs or "region" not in attrs:
+        msg = (
+            f"Table {table_key!r} does not annotate any shapes element (no uns['spatialdata_attrs']). "
+            "Parse it with spatialdata.models.TableModel.parse(adata, region=..., region_key=..., instance_key=...) "
+            "or read the data with a comtip reader (ct.io.read_st, ct.io.visium, ct.io.from_anndata)."
+        )
+        raise ValueError(msg)
+    regions = attrs["region"]
+    regions = [regions] if isinstance(regions, str) else list(regions)
+    missing = [r for r in regions if r not in sdata.shapes]
+    if missing:
+        msg = (
+            f"Table {table_key!r} annotates {missing}, which are not shapes elements of the SpatialData object "
+            f"(shapes: {list(sdata.shapes) or 'none'}). Add the spots as shapes or fix the table's region column."
+        )
+        raise ValueError(msg)
+    return regions, attrs["region_key"], attrs["instance_key"]
+
+
+def affine_matrix(transformation, axes: tuple[str, ...] = ("x", "y")) -> np.ndarray:
+    """3x3 affine matrix (x, y) of a spatialdata transformation."""
+    return np.asarray(transformation.to_affine_matrix(input_axes=axes, output_axes=axes), dtype=float)
+
+
+def pixel_size(matrix: np.ndarray) -> float:
+    """Size of one input unit in output units, from an affine matrix (geometric mean of the axes)."""
+    return float(np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
+
+
+def nearest_neighbour_spacing(xy: np.ndarray) -> float:
+    """Median distance from each point to its nearest neighbour (``nan`` with fewer than 2 points)."""
+    if len(xy) < 2:
+        return float("nan")
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(xy).query(xy, k=2)
+    return float(np.median(d[:, 1]))

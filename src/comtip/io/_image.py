@@ -1,0 +1,116 @@
+"""Lazy reading of plain image files (JPEG, PNG, TIFF) into spatialdata image elements."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+
+from .._logging import logger
+
+PIL_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"}
+
+
+def _pil_open(path: Path):
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # H&E scans are legitimately larger than PIL's bomb limit
+    return Image.open(path)
+
+
+def _decode_rgb(path: str, mode: str) -> np.ndarray:
+    img = _pil_open(Path(path))
+    if mode != "RGB":
+        img = img.convert("RGB")
+    return np.moveaxis(np.asarray(img), -1, 0)
+
+
+def image_shape(path: str | os.PathLike) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of an image file, read from its header only."""
+    path = Path(path)
+    if path.suffix.lower() in PIL_SUFFIXES:
+        with _pil_open(path) as img:
+            return len(img.getbands()), img.height, img.width
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        shape = page.shape
+        if page.axes.endswith("S"):  # (y, x, samples)
+            return shape[-1], shape[0], shape[1]
+        return (1, *shape[-2:]) if len(shape) == 2 else shape
+
+
+def read_image_lazy(path: str | os.PathLike, *, element: str) -> da.Array:
+    """A lazy ``(3, y, x)`` uint8 dask array of an RGB image file; nothing is decoded until pixels are read.
+
+    RGBA images lose their alpha channel (with a warning); single-channel images are refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"Image of {element!r} not found: {str(path)!r}. Check the path, or leave the image out for a count-only section."
+        raise FileNotFoundError(msg)
+    try:
+        if path.suffix.lower() not in PIL_SUFFIXES:
+            from ._wsi import wsi_array
+
+            return wsi_array(path, element=element)[0]
+        with _pil_open(path) as img:
+            mode, width, height = img.mode, img.width, img.height
+    except (OSError, ValueError) as e:
+        msg = f"Image of {element!r} could not be read: {str(path)!r} ({e}). Is it a valid JPEG/PNG/TIFF file?"
+        raise ValueError(msg) from e
+    if mode in {"L", "I", "F", "1", "I;16"}:
+        msg = (
+            f"Image of {element!r} ({path.name}) has one channel (mode {mode!r}); comtip needs an RGB H&E image. "
+            "Convert it to RGB, or pass the RGB scan."
+        )
+        raise ValueError(msg)
+    if mode in {"RGBA", "LA", "P"}:
+        warnings.warn(
+            f"Image of {element!r} ({path.name}) is {mode}; using its RGB channels and dropping the rest.",
+            UserWarning,
+            stacklevel=3,
+        )
+    logger.debug("lazy image %s: %d x %d (%s)", path, height, width, mode)
+    return da.from_delayed(dask.delayed(_decode_rgb)(str(path), mode), shape=(3, height, width), dtype=np.uint8)
+
+
+def parse_image(array: da.Array, *, coordinate_system: str, mpp: float, levels: int | None = None):
+    """A multiscale image element (``DataTree``) whose level 0 maps to ``coordinate_system`` in µm.
+
+    Parameters
+    ----------
+    array
+        ``(c, y, x)`` uint8 array of the full-resolution image.
+    coordinate_system
+        Name of the section's coordinate system (unit: µm).
+    mpp
+        µm per full-resolution pixel.
+    levels
+        Number of extra pyramid levels (each 2x smaller); by default until the smallest side is under 2,000 px.
+    """
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Scale
+
+    _, h, w = array.shape
+    if levels is None:
+        levels = 0
+        while min(h, w) / 2 ** (levels + 1) >= 1000 and levels < 6:
+            levels += 1
+    # one chunk per level for plain image files: a JPEG decodes as a whole, so smaller chunks
+    # would decode it again for each of them
+    chunks = array.chunksize if array.numblocks != (1, 1, 1) else (3, h, w)
+    return Image2DModel.parse(
+        array,
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        scale_factors=[2] * levels if levels else None,
+        transformations={coordinate_system: Scale([mpp, mpp], axes=("y", "x"))},
+        chunks=chunks,
+    )
