@@ -55,3 +55,81 @@ def her2st_dir(data_dir) -> Path:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+SYNTHETIC_GENES = [
+    "ERBB2", "KRT19", "ACTB", "GAPDH", "COL1A1", "FN1", "MGP", "SCGB2A2", "IGKC", "CD74",
+    "TFF3", "FASN", "PTPRC", "CD3E", "EPCAM", "VIM", "MKI67", "ESR1", "PGR", "KRT8",
+    "KRT18", "TAGLN", "ACTA2", "LUM", "DCN", "POSTN", "SPARC", "CD68", "LYZ", "MUC1",
+]  # fmt: skip
+
+
+def make_sdata(
+    *, n_side: int = 6, sections: tuple[str, ...] = ("S1",), mpp: float = 1.0, spacing_um: float = 60.0, seed: int = 0
+):
+    """Tiny synthetic SpatialData through comtip's own reader: a textured RGB image per section, spots on a grid,
+    Poisson counts of real gene symbols whose rates follow the image's colour under each spot."""
+    import pandas as pd
+
+    from comtip.io import read_st
+    from comtip.io._utils import combine_sections
+
+    rng = np.random.default_rng(seed)
+    parts = []
+    for s_i, section in enumerate(sections):
+        size = int((n_side + 1) * spacing_um / mpp)
+        yy, xx = np.mgrid[0:size, 0:size]
+        img = np.stack(
+            [
+                128 + 100 * np.sin(xx / (17 + s_i)) * np.cos(yy / 23),
+                128 + 100 * np.cos(xx / 31) * np.sin(yy / (13 + s_i)),
+                128 + 60 * np.sin((xx + yy) / 19),
+            ],
+            axis=-1,
+        )
+        img = np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+        px = (np.arange(n_side) + 0.75) * spacing_um / mpp
+        gx, gy = np.meshgrid(px, px)
+        spots = pd.DataFrame({"x": np.repeat(np.arange(n_side), n_side), "y": np.tile(np.arange(n_side), n_side)})
+        spots["pixel_x"] = gx.T.ravel()
+        spots["pixel_y"] = gy.T.ravel()
+        spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"], strict=True)]
+        r = int(20 / mpp)
+        feats = np.array(
+            [
+                img[int(y) - r : int(y) + r, int(x) - r : int(x) + r].mean(axis=(0, 1)) / 255
+                for x, y in zip(spots["pixel_x"], spots["pixel_y"], strict=True)
+            ]
+        )
+        w = rng.normal(0, 2.0, (3, len(SYNTHETIC_GENES)))
+        rate = np.exp(1.5 + (feats - 0.5) @ w)
+        counts = rng.poisson(rate)
+        cnt = pd.DataFrame(counts, index=spots.index, columns=SYNTHETIC_GENES)
+        import tempfile
+        from pathlib import Path
+
+        from PIL import Image
+
+        tmp = Path(tempfile.mkdtemp(prefix="comtip_synth_"))
+        Image.fromarray(img).save(tmp / f"{section}.png")
+        one = read_st(
+            cnt, spots, tmp / f"{section}.png", section=section, mpp=mpp, spot_diameter_um=40, spot_pitch_um=spacing_um
+        )
+        table = one.tables["table"].copy()
+        table.uns.pop("spatialdata_attrs", None)
+        parts.append((dict(one.images), dict(one.shapes), table, section))
+    return combine_sections(parts)
+
+
+@pytest.fixture
+def sdata():
+    """Two synthetic sections (36 spots each), tiles computed at 32 px."""
+    sd = make_sdata(sections=("S1", "S2"))
+    ct.pp.spot_tiles(sd, tile_size_um=40, tile_size_px=32)
+    return sd
+
+
+@pytest.fixture
+def sdata_factory():
+    """``make_sdata`` itself, for tests that need other sizes or pixel sizes."""
+    return make_sdata

@@ -37,7 +37,7 @@ def fetch(url: str, dest: Path, *, known_hash: str | None) -> Path:
             path=dest.parent,
             progressbar=False,
         )
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+    except Exception as e:
         msg = (
             f"Could not download {url} to {dest} ({type(e).__name__}: {e}). Without network access, copy the file "
             f"there by hand, or point comtip.settings.data_dir / $COMTIP_DATA_DIR at a folder that holds it."

@@ -55,11 +55,11 @@ def read_image_lazy(path: str | os.PathLike, *, element: str) -> da.Array:
     if not path.is_file():
         msg = f"Image of {element!r} not found: {str(path)!r}. Check the path, or leave the image out for a count-only section."
         raise FileNotFoundError(msg)
-    try:
-        if path.suffix.lower() not in PIL_SUFFIXES:
-            from ._wsi import wsi_array
+    if path.suffix.lower() not in PIL_SUFFIXES:
+        from ._wsi import wsi_array
 
-            return wsi_array(path, element=element)[0]
+        return wsi_array(path, element=element)[0][0]  # level 0 of the file's pyramid (its own errors are clear)
+    try:
         with _pil_open(path) as img:
             mode, width, height = img.mode, img.width, img.height
     except (OSError, ValueError) as e:

@@ -133,7 +133,12 @@ def read_st(
         raise ValueError(msg)
     n_no_counts, n_no_spot = len(spt) - len(common), len(cnt) - len(common)
     if n_no_counts or n_no_spot:
-        logger.info("section %s: %d spots without counts and %d count rows without a spot dropped", section, n_no_counts, n_no_spot)
+        logger.info(
+            "section %s: %d spots without counts and %d count rows without a spot dropped",
+            section,
+            n_no_counts,
+            n_no_spot,
+        )
     spt = spt.loc[common]
     cnt = cnt.loc[common]
 
@@ -146,7 +151,9 @@ def read_st(
 
     region = f"{section}{C.SPOTS_SUFFIX}"
     radius_px = spot_diameter_um / 2 / mpp
-    shapes = {region: spot_circles(spt[["pixel_x", "pixel_y"]].to_numpy(float), radius_px, coordinate_system=section, mpp=mpp)}
+    shapes = {
+        region: spot_circles(spt[["pixel_x", "pixel_y"]].to_numpy(float), radius_px, coordinate_system=section, mpp=mpp)
+    }
 
     extra = pd.DataFrame(
         {"array_x": spt["x"].astype(int).to_numpy(), "array_y": spt["y"].astype(int).to_numpy()}, index=spt.index

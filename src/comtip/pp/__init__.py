@@ -1,1 +1,19 @@
-"""TODO."""
+"""Preprocessing: spot tiles, expression normalisation, gene panels, gene text (descriptions and embeddings)."""
+
+from .._gene_text import harmonize_symbols
+from ._expression import candidate_genes, eval_panels, gene_panel, log_depth, log_normalized, value_levels
+from ._text import gene_text, gene_text_embeddings
+from ._tiles import spot_tiles
+
+__all__ = [
+    "candidate_genes",
+    "eval_panels",
+    "gene_panel",
+    "gene_text",
+    "gene_text_embeddings",
+    "harmonize_symbols",
+    "log_depth",
+    "log_normalized",
+    "spot_tiles",
+    "value_levels",
+]
