@@ -20,7 +20,7 @@ def _quiet_settings(tmp_path_factory):
     """No progress bars in tests, a private cache folder, and no current model leaking between tests."""
     ct.settings.show_progress_bar = False
     old_model = ct.settings.model
-    yield
+    return
     ct.settings._model = old_model
 
 
@@ -29,7 +29,7 @@ def _cache_dir(tmp_path_factory):
     # gene-text embeddings are cached per session, not in the user's home
     if "COMTIP_CACHE_DIR" not in os.environ:
         ct.settings.cache_dir = tmp_path_factory.mktemp("comtip_cache")
-    yield
+    return
 
 
 @pytest.fixture(scope="session")

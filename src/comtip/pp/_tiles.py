@@ -152,8 +152,8 @@ def spot_tiles(
         raise ValueError(msg)
     target = target_mpp if target_mpp is not None else (tile_size_um / tile_size_px if tile_size_px else 0.0)
 
-    table = sdata.tables[table_key] if table_key in sdata.tables else None
     regions, region_key, instance_key = table_regions(sdata, table_key)
+    table = sdata.tables[table_key]
     frames, transforms, no_image = [], {}, []
     n_partial = n_outside = 0
     for region in regions:
@@ -206,12 +206,9 @@ def spot_tiles(
         n_partial += int(((inside > 0) & (inside < 1)).sum())
         n_outside += int((inside == 0).sum())
         # spots -> table rows
-        if table is not None:
-            rows = table.obs[table.obs[region_key] == region]
-            inst = pd.Series(rows.index.to_numpy(), index=rows[instance_key].to_numpy())
-            obs_names = inst.reindex(shapes.index.to_numpy()).to_numpy()
-        else:
-            obs_names = np.full(len(shapes), None)
+        rows = table.obs[table.obs[region_key] == region]
+        inst = pd.Series(rows.index.to_numpy(), index=rows[instance_key].to_numpy())
+        obs_names = inst.reindex(shapes.index.to_numpy()).to_numpy()
         frames.append(
             pd.DataFrame(
                 {
@@ -241,7 +238,7 @@ def spot_tiles(
         )
         raise ValueError(msg)
     df = pd.concat(frames, ignore_index=True)
-    df = df[df["obs_name"].notna()].reset_index(drop=True) if table is not None else df
+    df = df[df["obs_name"].notna()].reset_index(drop=True)  # shapes without a table row get no tile
     geometry = box(df["x0"], df["y0"], df["x0"] + df["size"], df["y0"] + df["size"])
     gdf = gpd.GeoDataFrame(df, geometry=geometry)
     gdf["obs_name"] = gdf["obs_name"].astype(str)
