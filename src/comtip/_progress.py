@@ -6,7 +6,14 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str | None = None, show: bool | None = None, **kwargs: Any):
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    total: int | None = None,
+    desc: str | None = None,
+    show: bool | None = None,
+    **kwargs: Any,
+):
     """Wrap ``iterable`` in a tqdm bar (``tqdm.auto`` in Jupyter) unless progress bars are off.
 
     Parameters
@@ -28,4 +35,12 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
         show = settings.show_progress_bar
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, disable=not show, dynamic_ncols=True, leave=kwargs.pop("leave", False), **kwargs)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        disable=not show,
+        dynamic_ncols=True,
+        leave=kwargs.pop("leave", False),
+        **kwargs,
+    )
