@@ -14,6 +14,7 @@ INSTANCE_KEY = "spot_id"
 SECTION_KEY = "section"
 COUNTS_LAYER = "counts"
 ORIGINAL_SYMBOLS = "original_symbols"
+INPUT_KEY = "comtip_input"  # table.uns[INPUT_KEY] = {"x_is_counts": bool, "x_transform": None | "log1p" | ...}
 
 # --- results ----------------------------------------------------------------------------------
 EMBED_KEY = "X_comtip"  # -> .obsm["X_comtip_image"], .obsm["X_comtip_gene"]

@@ -54,7 +54,16 @@ def _ensembl_map() -> dict[str, str]:
     return out
 
 
-def harmonize_symbols(names: pd.Index | list[str]) -> np.ndarray:
+def looks_human(names: list[str]) -> bool:
+    """Whether gene symbols look human (upper case) rather than mouse/rat style (``Gapdh``)."""
+    letters = [n for n in names if n[:1].isalpha() and not n.upper().startswith("ENS")]
+    if not letters:
+        return True
+    title = sum(1 for n in letters if n[:1].isupper() and any(c.islower() for c in n[1:]))
+    return title < 0.5 * len(letters)
+
+
+def harmonize_symbols(names: pd.Index | list[str], *, aliases: bool | None = None) -> np.ndarray:
     """Map gene names to current upper-case HGNC symbols.
 
     Upper-cases every name, strips Ensembl version suffixes, maps human Ensembl IDs and old symbols
@@ -65,22 +74,27 @@ def harmonize_symbols(names: pd.Index | list[str]) -> np.ndarray:
     ----------
     names
         Gene names as found in the data.
+    aliases
+        Map old human symbols through the aliases of the gene-text table. By default only when the
+        names look human (upper case): mouse symbols (``Tac2``) are only upper-cased, since a human
+        alias of the same spelling may name another gene.
 
     Returns
     -------
     The harmonised symbol of each name, in order.
     """
+    names = [str(n) for n in names]
     table = gene_text_table()
-    aliases = _alias_map()
+    alias_map = _alias_map() if (aliases if aliases is not None else looks_human(names)) else {}
     ensembl = _ensembl_map()
     out = []
     n_alias = 0
-    for name in map(str, names):
+    for name in names:
         up = name.strip().upper()
         if up.startswith("ENSG"):
             up = ensembl.get(up.split(".")[0], up)
-        elif up not in table.index and up in aliases:
-            up = aliases[up]
+        elif up not in table.index and up in alias_map:
+            up = alias_map[up]
             n_alias += 1
         out.append(up)
     if n_alias:

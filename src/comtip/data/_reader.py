@@ -13,6 +13,17 @@ from .._images import level_arrays
 PAD_VALUE = 255  # glass is white on an H&E scan
 
 
+def resize_tiles(tiles, size: int):
+    """Resize uint8 tiles ``(n, 3, s, s)`` to ``(n, 3, size, size)``: antialiased bicubic on uint8, as PIL's BICUBIC."""
+    import torch
+
+    if tiles.shape[-1] == size and tiles.shape[-2] == size:
+        return tiles
+    return torch.nn.functional.interpolate(
+        tiles.contiguous(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
+    )
+
+
 class TileReader:
     """Read spot tiles in batches from the image levels named by a tiles table (``ct.pp.spot_tiles``).
 
@@ -42,10 +53,14 @@ class TileReader:
             if int(lvl) >= len(levels):
                 msg = f"Tiles refer to level {lvl} of image {img!r}, which has {len(levels)} level(s); recompute ct.pp.spot_tiles."
                 raise ValueError(msg)
-            self._arrays[(img, int(lvl))] = levels[int(lvl)].data
+            data = levels[int(lvl)].data
+            if hasattr(data, "numblocks") and data.numblocks[0] != 1:
+                data = data.rechunk({0: -1})  # all channels in one chunk
+            self._arrays[(img, int(lvl))] = data
         self.cache_bytes = int(cache_mb * 2**20)
         self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._cached = 0
+        self._graphs: dict[str, dict] = {}
         self.out_size = int(self.tiles["tile_size_px"].iloc[0]) if len(self.tiles) else 0
 
     def __len__(self) -> int:
@@ -56,11 +71,19 @@ class TileReader:
         state = self.__dict__.copy()
         state["_cache"] = OrderedDict()
         state["_cached"] = 0
+        state["_graphs"] = {}
         return state
 
     # -- chunk cache ---------------------------------------------------------------------------
+    def _graph(self, arr) -> dict:
+        """The array's low-level task graph, materialised once (computing keys from it skips dask's per-call optimisation)."""
+        g = self._graphs.get(arr.name)
+        if g is None:
+            g = self._graphs[arr.name] = dict(arr.__dask_graph__())
+        return g
+
     def _get_chunks(self, arr, keys: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
-        import dask
+        import dask.base
 
         name = arr.name
         out, missing = {}, []
@@ -72,7 +95,8 @@ class TileReader:
                 self._cache.move_to_end((name, *k))
                 out[k] = hit
         if missing:
-            blocks = dask.compute(*[arr.blocks[0, iy, ix] for iy, ix in missing])
+            get = dask.base.get_scheduler(collections=[arr])  # honours dask.config (synchronous in workers)
+            blocks = get(self._graph(arr), [(name, 0, iy, ix) for iy, ix in missing])
             for k, b in zip(missing, blocks, strict=True):
                 b = np.asarray(b)
                 out[k] = b
@@ -96,8 +120,6 @@ class TileReader:
                 ox, oy = xa[i] - boxes[i, 0], ya[i] - boxes[i, 1]
                 out[i, :, oy : oy + yb[i] - ya[i], ox : ox + xb[i] - xa[i]] = arr[:3, ya[i] : yb[i], xa[i] : xb[i]]
             return out
-        if arr.numblocks[0] != 1:
-            arr = arr.rechunk({0: -1})
         ey = np.cumsum((0, *arr.chunks[1]))
         ex = np.cumsum((0, *arr.chunks[2]))
         iy0 = np.searchsorted(ey, ya, "right") - 1

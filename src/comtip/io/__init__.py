@@ -3,6 +3,9 @@
 Every reader puts each section (library, slide) in its own coordinate system, in micrometres.
 """
 
+from ._anndata import from_anndata
 from ._st import read_st
+from ._visium import visium
+from ._wsi import wsi
 
-__all__ = ["read_st"]
+__all__ = ["from_anndata", "read_st", "visium", "wsi"]
