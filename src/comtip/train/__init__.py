@@ -1,1 +1,15 @@
-"""TODO."""
+"""Training on Lightning: the LightningModule around CoMTIP, data views, Trainer wiring (checkpoints, resume, DDP)."""
+
+from ._data import EpochIndexed, EpochSampler, PrefixFeatureDataset, prefix_is_frozen
+from ._fit import default_precision, fit
+from ._module import CoMTIPModule
+
+__all__ = [
+    "CoMTIPModule",
+    "EpochIndexed",
+    "EpochSampler",
+    "PrefixFeatureDataset",
+    "default_precision",
+    "fit",
+    "prefix_is_frozen",
+]

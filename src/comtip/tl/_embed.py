@@ -1,0 +1,158 @@
+"""``ct.tl.embed``: image and gene-sentence embeddings of spots into ``.obsm``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _constants as C
+from .._logging import logger
+from .._settings import settings
+from ._data import resolve_spots
+from ._utils import check_free, get_model, model_provenance, record
+
+
+def image_embeddings(
+    model,
+    spots,
+    obs_names: list[str],
+    *,
+    batch_size: int,
+    device,
+    dihedral: bool,
+    num_workers: int,
+    prompt: bool = True,
+) -> dict[str, np.ndarray]:
+    """Run the image tower over the tiles of ``obs_names`` (read in batches); both embedding spaces."""
+    from .._progress import progress
+    from ..data import SpotDataset, make_loader
+    from ..model._inference import embed_images
+
+    ds = SpotDataset(spots.sdata, genes=None, tiles_key=spots.tiles_key, obs_names=obs_names)
+    # read in image order, so that each image chunk is decoded once
+    order = np.lexsort((ds.reader.tiles["y0"].to_numpy(), ds.reader.tiles["image"].to_numpy()))
+    from torch.utils.data import Subset
+
+    loader = make_loader(Subset(ds, order), batch_size=batch_size, num_workers=num_workers)
+    out = embed_images(
+        model,
+        progress(loader, desc="embedding tiles", total=len(loader)),
+        dihedral=dihedral,
+        device=device,
+        prompt=prompt,
+    )
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    return {k: v[inv] for k, v in out.items()}
+
+
+def embed(
+    data,
+    model=None,
+    *,
+    table_key: str = C.TABLE_KEY,
+    tiles_key: str = C.TILES_KEY,
+    layer: str | None = None,
+    batch_size: int = 64,
+    dihedral: bool = False,
+    device: str | None = None,
+    num_workers: int | None = None,
+    key_added: str = C.EMBED_KEY,
+    overwrite: bool = False,
+) -> list[str]:
+    """Embed spots: image tiles and gene sentences into CoMTIP's shared space.
+
+    Parameters
+    ----------
+    data
+        SpatialData with tiles (:func:`comtip.pp.spot_tiles`), or an AnnData with scanpy's ``uns['spatial']``.
+    model
+        A :class:`comtip.CoMTIP`; ``None`` = the current model.
+    table_key
+        Table of the spots (SpatialData).
+    tiles_key
+        Shapes element with the tiles (SpatialData).
+    layer
+        Raw-count layer for the gene sentences (default ``layers['counts']``, else ``X``).
+    batch_size
+        Tiles per forward pass.
+    dihedral
+        Average each image embedding over the 8 flips/rotations (8x the compute).
+    device
+        ``None``: CUDA when available, else CPU.
+    num_workers
+        DataLoader workers (default :attr:`comtip.settings.num_workers`).
+    key_added
+        Prefix of the ``.obsm`` keys.
+    overwrite
+        Replace existing keys.
+
+    Returns
+    -------
+    The keys written: ``.obsm['{key_added}_image']`` (n_obs x d; NaN rows for spots without a tile) and, when the
+    spots have expression over the model's gene panel, ``.obsm['{key_added}_gene']`` (n_obs x d; NaN rows for
+    spots without any panel gene). Parameters and the model's name, version and weights checksum go to
+    ``.uns['comtip']['embed']``.
+
+    Examples
+    --------
+    >>> ct.tl.embed(sdata)
+    ['X_comtip_image', 'X_comtip_gene']
+    """
+    from ..data import SpotDataset, make_loader
+    from ..model._inference import embed_genes
+
+    model = get_model(model)
+    spots = resolve_spots(data, table_key=table_key, tiles_key=tiles_key, model=model)
+    adata = spots.table
+    keys = [f"{key_added}{C.IMAGE_EMBED_SUFFIX}", f"{key_added}{C.GENE_EMBED_SUFFIX}"]
+    check_free(adata.obsm, keys, where=".obsm", overwrite=overwrite)
+    num_workers = settings.num_workers if num_workers is None else num_workers
+    d = model.embed_dim
+
+    pos, names = spots.tiled_rows()
+    if len(pos) == 0:
+        msg = f"None of the {adata.n_obs} spots has a tile in {tiles_key!r}; run ct.pp.spot_tiles on the images of these spots."
+        raise ValueError(msg)
+    img = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
+    img[pos] = image_embeddings(
+        model,
+        spots,
+        names,
+        batch_size=batch_size,
+        device=device,
+        dihedral=dihedral,
+        num_workers=num_workers,
+        prompt=False,
+    )["image"]
+
+    results = {keys[0]: img}
+    measured = [g for g in model.genes if g in set(adata.var_names)]
+    if measured and adata.n_vars:
+        rows = [r for r in spots.rows if r is not None]
+        ds = SpotDataset(
+            spots.sdata,
+            genes=model.genes,
+            table_key=table_key if table_key in spots.sdata.tables else C.TABLE_KEY,
+            tiles_key=None,
+            obs_names=rows,
+            sentence_length=model.config.sentence_length,
+            layer=layer,
+        )
+        has_genes = ds.gene_mask.any(axis=1)
+        emb = embed_genes(model, make_loader(ds, batch_size=256), device=device)
+        gene = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
+        valid = np.flatnonzero([r is not None for r in spots.rows])
+        gene[valid] = np.where(has_genes[:, None], emb, np.nan)
+        results[keys[1]] = gene
+        logger.info("gene sentences over %d of the model's %d panel genes", len(measured), model.n_genes)
+    else:
+        logger.warning("no gene of the model's panel is measured here: only image embeddings are written")
+    for k, v in results.items():
+        adata.obsm[k] = v
+    record(
+        adata,
+        "embed",
+        {"keys": list(results), "dihedral": dihedral, "n_spots_with_tiles": len(pos), **model_provenance(model)},
+    )
+    logger.info("added %s", ", ".join(f".obsm[{k!r}]" for k in results))
+    return list(results)

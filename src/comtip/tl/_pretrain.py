@@ -1,0 +1,317 @@
+"""``ct.tl.pretrain``: build the gene panel and gene text, then train CoMTIP on the spots of a SpatialData."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from .. import _constants as C
+from .._logging import logger
+from .._settings import settings
+
+if TYPE_CHECKING:
+    from ..model import CoMTIP, CoMTIPConfig
+
+
+def _split_sections(table, tiles_obs: set[str], validation) -> tuple[list[str], list[str], list[str]]:
+    """(training sections with images, validation sections, count-only sections) in table order."""
+    sections = list(dict.fromkeys(table.obs[C.SECTION_KEY].astype(str))) if C.SECTION_KEY in table.obs else ["all"]
+    sec = table.obs[C.SECTION_KEY].astype(str).to_numpy() if C.SECTION_KEY in table.obs else np.full(table.n_obs, "all")
+    has_tiles = np.isin(table.obs_names.to_numpy(), list(tiles_obs))
+    imaged = [s for s in sections if has_tiles[sec == s].any()]
+    count_only = [s for s in sections if s not in imaged]
+    if validation == "auto":
+        val = imaged[-1:] if len(imaged) >= 2 else []
+    elif validation is None:
+        val = []
+    else:
+        val = [validation] if isinstance(validation, str) else list(validation)
+        unknown = [s for s in val if s not in imaged]
+        if unknown:
+            msg = f"Validation sections {unknown} are not sections with tiles ({imaged}); pass some of those, or validation=None."
+            raise ValueError(msg)
+    train = [s for s in imaged if s not in val]
+    if not train:
+        msg = f"No training section left with tiles (sections with tiles: {imaged}, validation: {val}); keep at least one for training."
+        raise ValueError(msg)
+    return train, val, count_only
+
+
+def pretrain(
+    sdata,
+    *,
+    config: CoMTIPConfig | None = None,
+    table_key: str = C.TABLE_KEY,
+    tiles_key: str = C.TILES_KEY,
+    layer: str | None = None,
+    validation: str | Sequence[str] | Literal["auto"] | None = "auto",
+    n_genes: int = 2048,
+    text_model: str = "all-MiniLM-L6-v2",
+    max_epochs: int = 20,
+    batch_size: int = 32,
+    lr: float = 3e-4,
+    weight_decay: float = 0.05,
+    image_tower_lr_scale: float = 0.1,
+    gene_pretrain_epochs: int = 0,
+    early_stopping_patience: int | None = None,
+    cache_image_features: bool | Literal["auto"] = "auto",
+    accelerator: str = "auto",
+    devices: int | str | list[int] = "auto",
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    seed: int = 0,
+    num_workers: int | None = None,
+    show_progress_bar: bool | None = None,
+) -> CoMTIP:
+    """Pretrain a CoMTIP model on the spots of a SpatialData (image tiles + expression), on Lightning.
+
+    The gene panel, the gene text embeddings and the prompt value levels are built from the training spots;
+    then image tiles and gene sentences are aligned with every loss part of the config (InfoNCE, the value-level
+    prompt loss, MFM, PAAT). With several imaged sections one is held out for validation (``"auto"``: the
+    last), which monitors image→gene Recall@5 and the depth-controlled zero-shot correlation; the weights of the
+    best validation epoch are kept. Count-only sections (no image) can pretrain the gene side first
+    (``gene_pretrain_epochs``, masked value modeling; needs ``config.mvm_weight > 0``).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with a table of raw counts and tiles from :func:`comtip.pp.spot_tiles`.
+    config
+        Model configuration; default :meth:`comtip.CoMTIPConfig.cpu` (offline CPU default).
+    table_key
+        Table of the spots.
+    tiles_key
+        Shapes element with the tiles.
+    layer
+        Raw-count layer (default ``layers['counts']``, else ``X``).
+    validation
+        Validation section(s), ``"auto"`` or ``None``.
+    n_genes
+        Size of the gene panel (genes detected in >= 10 % of training spots, by mean and by variance).
+    text_model
+        Sentence-transformers model for the gene descriptions (offline default: all-MiniLM-L6-v2).
+    max_epochs
+        Epochs of the contrastive stage.
+    batch_size
+        Spots per batch (per device).
+    lr, weight_decay, image_tower_lr_scale
+        AdamW learning rate, weight decay, and the factor on the learning rate of the pretrained image tower.
+    gene_pretrain_epochs
+        Epochs of masked value modeling on the count-only spots before the contrastive stage (0 = none).
+    early_stopping_patience
+        Stop after this many epochs without validation improvement (``None`` = never).
+    cache_image_features
+        Compute the frozen part of the image tower once per tile and dihedral transform (``"auto"``: when the
+        tower has a frozen part and training runs on the CPU). Colour jitter is then not applied.
+    accelerator, devices, num_nodes, strategy
+        Lightning's: ``devices=4`` trains with DDP on 4 GPUs; the same call runs under ``torchrun`` or SLURM.
+    precision
+        Lightning precision; default bf16 mixed precision on GPUs, fp32 on CPU.
+    checkpoint_dir
+        Folder for ``*-last.ckpt``; with ``resume=True`` an interrupted run continues from there.
+    resume
+        Continue from a checkpoint in ``checkpoint_dir``.
+    seed
+        Seed of everything (initialisation, sampling, augmentation).
+    num_workers
+        DataLoader workers (default :attr:`comtip.settings.num_workers`).
+    show_progress_bar
+        Progress bars (default :attr:`comtip.settings.show_progress_bar`).
+
+    Returns
+    -------
+    The trained :class:`comtip.CoMTIP`, also set as the current model (:attr:`comtip.settings.model`). Its
+    ``history`` holds the loss parts and validation metrics per epoch, its ``training_summary`` the sections,
+    panel, tile size, timings and the HVG50/HEG250 panels of the training spots.
+
+    Examples
+    --------
+    >>> sdata = ct.datasets.her2st(sections=["C2", "C3", "C4", "C5"])
+    >>> ct.pp.spot_tiles(sdata)
+    >>> model = ct.tl.pretrain(sdata, max_epochs=20)
+    >>> model.save("her2st_model/")
+    """
+    import torch
+
+    from .._spatial import get_table
+    from ..data import SpotDataset
+    from ..model import CoMTIP, CoMTIPConfig
+    from ..pp import eval_panels, gene_panel, gene_text_embeddings, log_normalized, value_levels
+    from ..train import PrefixFeatureDataset, fit, prefix_is_frozen
+
+    t_start = time.perf_counter()
+    config = config or CoMTIPConfig.cpu()
+    show = settings.show_progress_bar if show_progress_bar is None else show_progress_bar
+    num_workers = settings.num_workers if num_workers is None else num_workers
+    table = get_table(sdata, table_key)
+    if tiles_key not in sdata.shapes:
+        msg = f"No tiles {tiles_key!r}: run ct.pp.spot_tiles(sdata) (112 µm tiles at 224 px) before ct.tl.pretrain."
+        raise KeyError(msg)
+    tiles = sdata.shapes[tiles_key]
+    tile_obs = set(tiles["obs_name"].astype(str))
+    if gene_pretrain_epochs and config.mvm_weight <= 0:
+        msg = "gene_pretrain_epochs > 0 needs a model with a masked-value head: pass config=CoMTIPConfig.cpu(mvm_weight=0.1)."
+        raise ValueError(msg)
+    train_secs, val_secs, count_secs = _split_sections(table, tile_obs, validation)
+    sec = table.obs[C.SECTION_KEY].astype(str).to_numpy() if C.SECTION_KEY in table.obs else np.full(table.n_obs, "all")
+    has_tile = np.isin(table.obs_names.to_numpy(), list(tile_obs))
+    train_obs = list(table.obs_names[np.isin(sec, train_secs) & has_tile])
+    val_obs = list(table.obs_names[np.isin(sec, val_secs) & has_tile])
+    if len(train_obs) < 2 * batch_size:
+        logger.warning("only %d training spots for batch_size=%d: consider a smaller batch", len(train_obs), batch_size)
+    logger.info(
+        "training sections %s (%d spots), validation %s (%d spots)", train_secs, len(train_obs), val_secs, len(val_obs)
+    )
+
+    # gene panel, text and levels: from the training spots only
+    train_table = table[train_obs]
+    panel = gene_panel(train_table, n_top=n_genes, layer=layer)
+    if len(panel) < 2:
+        msg = (
+            f"Only {len(panel)} genes are detected in >= 10 % of the training spots; is the table empty or not counts?"
+        )
+        raise ValueError(msg)
+    text = gene_text_embeddings(panel, model=text_model, fallback=True) if config.gene_embedding != "learned" else None
+    expr = log_normalized(train_table, layer=layer, genes=panel)
+    levels = value_levels(expr, n_levels=config.n_value_levels)
+    panels = eval_panels(train_table, layer=layer)
+    torch.manual_seed(seed)
+    model = CoMTIP(config, panel, text, levels)
+
+    tile_size_um = float(tiles["tile_size_um"].iloc[0])
+    tile_size_px = int(tiles["tile_size_px"].iloc[0])
+    if tile_size_px != config.image_size:
+        logger.info("tiles of %d px are resized to the model's %d px", tile_size_px, config.image_size)
+    sentence_length = config.sentence_length
+    summary_stages = []
+
+    # optional gene-side pretraining on count-only spots
+    if gene_pretrain_epochs:
+        count_obs = list(table.obs_names[np.isin(sec, count_secs)]) + train_obs
+        genes_ds = SpotDataset(
+            sdata,
+            genes=panel,
+            table_key=table_key,
+            tiles_key=None,
+            obs_names=count_obs,
+            sentence_length=sentence_length,
+            layer=layer,
+        )
+        summary_stages.append(
+            fit(
+                model,
+                genes_ds,
+                None,
+                stage="genes",
+                max_epochs=gene_pretrain_epochs,
+                batch_size=max(batch_size, 64),
+                lr=lr,
+                weight_decay=weight_decay,
+                accelerator=accelerator,
+                devices=devices,
+                num_nodes=num_nodes,
+                strategy=strategy,
+                precision=precision,
+                checkpoint_dir=checkpoint_dir,
+                resume=resume,
+                seed=seed,
+                num_workers=num_workers,
+                show_progress_bar=show,
+                monitor=None,
+            )
+        )
+
+    train_ds = SpotDataset(
+        sdata,
+        genes=panel,
+        table_key=table_key,
+        tiles_key=tiles_key,
+        obs_names=train_obs,
+        sentence_length=sentence_length,
+        layer=layer,
+        augment=True,
+        seed=seed,
+        cache_tiles=True,
+    )
+    val_ds = (
+        SpotDataset(
+            sdata,
+            genes=panel,
+            table_key=table_key,
+            tiles_key=tiles_key,
+            obs_names=val_obs,
+            sentence_length=sentence_length,
+            layer=layer,
+            cache_tiles=True,
+        )
+        if val_obs
+        else None
+    )
+    use_cache = cache_image_features
+    if use_cache == "auto":
+        use_cache = prefix_is_frozen(model) and not (
+            accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        )
+    if use_cache and prefix_is_frozen(model):
+        train_ds = PrefixFeatureDataset(train_ds, model, augment=True, seed=seed)
+        if val_ds is not None:
+            val_ds = PrefixFeatureDataset(val_ds, model, augment=False, seed=seed)
+    val_genes = (
+        model.gene_index([g for g in dict.fromkeys(panels["hvg50"] + panels["heg250"]) if g in set(panel)])
+        .cpu()
+        .numpy()
+    )
+    summary_stages.append(
+        fit(
+            model,
+            train_ds,
+            val_ds,
+            stage="contrastive",
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            image_tower_lr_scale=image_tower_lr_scale,
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            precision=precision,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            seed=seed,
+            num_workers=num_workers,
+            show_progress_bar=show,
+            val_genes=val_genes,
+            early_stopping_patience=early_stopping_patience,
+        )
+    )
+    model.eval()
+    model.training_summary.update(
+        {
+            "sections": train_secs,
+            "validation_sections": val_secs,
+            "count_only_sections": count_secs if gene_pretrain_epochs else [],
+            "n_train_spots": len(train_obs),
+            "n_val_spots": len(val_obs),
+            "tile_size_um": tile_size_um,
+            "tile_size_px": tile_size_px,
+            "text_model": text_model,
+            "epochs": sum(s["epochs"] for s in summary_stages if s["stage"] == "contrastive"),
+            "steps": sum(s["steps"] for s in summary_stages),
+            "stages": summary_stages,
+            "eval_panels": {"hvg50": panels["hvg50"], "heg250": panels["heg250"]},
+            "cached_image_features": bool(use_cache),
+            "wall_s": round(time.perf_counter() - t_start, 1),
+        }
+    )
+    settings.model = model
+    logger.info("pretrained %s in %.0f s; it is now the current model", model.name, time.perf_counter() - t_start)
+    return model

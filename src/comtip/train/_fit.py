@@ -1,0 +1,177 @@
+"""Lightning Trainer wiring: precision, devices, checkpoints, exact resume, best-epoch weights, history."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .._logging import logger
+
+LAST = "last.ckpt"
+
+
+def default_precision(accelerator: str) -> str:
+    """bf16 mixed precision on GPUs that support it, fp16 mixed on other GPUs, fp32 on CPU."""
+    import torch
+
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def _quiet_lightning(show: bool) -> None:
+    level = logging.INFO if logger.getEffectiveLevel() <= logging.INFO else logging.WARNING
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(level)
+    import warnings
+
+    # our samplers shard across ranks themselves, and a few workers are deliberate on small data
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+
+
+def fit(
+    model,
+    train,
+    val=None,
+    *,
+    stage: Literal["contrastive", "genes"] = "contrastive",
+    max_epochs: int = 20,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    weight_decay: float = 0.05,
+    image_tower_lr_scale: float = 0.1,
+    accelerator: str = "auto",
+    devices: int | str | list[int] = "auto",
+    num_nodes: int = 1,
+    precision: str | None = None,
+    strategy: str = "auto",
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    show_progress_bar: bool = True,
+    val_genes: np.ndarray | None = None,
+    monitor: str | None = "val/pcc_adj",
+    restore_best: bool = True,
+    early_stopping_patience: int | None = None,
+    gradient_clip_val: float | None = 1.0,
+) -> dict[str, Any]:
+    """Train ``model`` in place on ``train`` (validating on ``val``) with Lightning; returns a training summary.
+
+    Checkpoints (``last.ckpt``, written at the end of every epoch with the RNG state and the loss history) go to
+    ``checkpoint_dir``; with ``resume=True`` a run finds ``last.ckpt`` there and continues exactly where it
+    stopped (same data order, augmentation and random stream as an uninterrupted run). With a validation set,
+    the weights of the best epoch by ``monitor`` are restored at the end (``restore_best``).
+    """
+    import lightning.pytorch as L
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from ._module import CoMTIPModule, _BestWeights
+
+    _quiet_lightning(show_progress_bar)
+    L.seed_everything(seed, workers=True, verbose=False)
+    steps_per_epoch = max(1, len(train) // batch_size)
+    module = CoMTIPModule(
+        model,
+        stage=stage,
+        lr=lr,
+        weight_decay=weight_decay,
+        image_tower_lr_scale=image_tower_lr_scale,
+        total_steps=steps_per_epoch * max_epochs,
+        val_genes=val_genes,
+    )
+    module.set_data(train, val, batch_size=batch_size, num_workers=num_workers, seed=seed)
+
+    tmp = None
+    if checkpoint_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="comtip_ckpt_")
+        ckpt_dir = Path(tmp.name)
+    else:
+        ckpt_dir = Path(checkpoint_dir).expanduser()
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    has_val = val is not None and len(val) > 0 and stage == "contrastive"
+    if not has_val or (monitor == "val/pcc_adj" and val_genes is None):
+        monitor = "val/recall5" if has_val else None
+    callbacks: list = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename=f"{stage}-last",
+            save_last=False,
+            save_top_k=1,
+            every_n_epochs=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
+    ]
+    best = None
+    if monitor is not None and restore_best:
+        best = _BestWeights(monitor)
+        callbacks.append(best)
+    if monitor is not None and early_stopping_patience:
+        callbacks.append(
+            EarlyStopping(monitor=monitor, mode="max", patience=early_stopping_patience, check_on_train_epoch_end=True)
+        )
+
+    precision = precision or default_precision(accelerator)
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=show_progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        log_every_n_steps=max(1, min(50, steps_per_epoch)),
+        default_root_dir=ckpt_dir,
+        gradient_clip_val=gradient_clip_val,
+        limit_val_batches=1.0 if has_val else 0,
+    )
+    ckpt = ckpt_dir / f"{stage}-last.ckpt"
+    ckpt_path = str(ckpt) if (resume and ckpt.is_file()) else None
+    if ckpt_path:
+        logger.warning("resuming %s training from %s", stage, ckpt_path)
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(module, ckpt_path=ckpt_path)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    wall = time.perf_counter() - t0
+    summary: dict[str, Any] = {
+        "stage": stage,
+        "epochs": int(trainer.current_epoch),
+        "steps": int(trainer.global_step),
+        "wall_s": round(wall, 1),
+        "precision": str(precision),
+        "accelerator": type(trainer.accelerator).__name__.replace("Accelerator", "").lower(),
+        "devices": int(trainer.num_devices),
+        "num_nodes": int(num_nodes),
+        "batch_size": int(batch_size),
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "seed": int(seed),
+        "resumed_from": ckpt_path,
+    }
+    if best is not None and best.best is not None:
+        value, epoch, state = best.best
+        model.load_state_dict({k: v.to(model.device) for k, v in state.items()})
+        summary.update({"monitor": monitor, "best_epoch": epoch, "best_value": round(value, 4)})
+        logger.info("restored the weights of epoch %d (%s = %.4f)", epoch, monitor, value)
+    summary["final_metrics"] = {
+        k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float))
+    }
+    summary["is_global_zero"] = bool(trainer.is_global_zero)
+    return summary
