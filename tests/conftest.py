@@ -133,3 +133,24 @@ def sdata():
 def sdata_factory():
     """``make_sdata`` itself, for tests that need other sizes or pixel sizes."""
     return make_sdata
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """A tiny CoMTIP pretrained on three synthetic sections (two train, one validation), and a held-out section.
+
+    Session-scoped: tests must not modify the model (use copy.deepcopy) nor the returned training SpatialData.
+    """
+    ct.settings.show_progress_bar = False
+    train = make_sdata(sections=("S1", "S2", "S3"))
+    ct.pp.spot_tiles(train, tile_size_um=40, tile_size_px=64)
+    model = ct.tl.pretrain(train, config=ct.CoMTIPConfig.tiny(), max_epochs=2, batch_size=16, n_genes=30, seed=0)
+    return model, train
+
+
+@pytest.fixture
+def test_sdata():
+    """A fresh held-out synthetic section with tiles (64 px, 40 µm), as the tiny model was trained on."""
+    sd = make_sdata(sections=("T1",), seed=7)
+    ct.pp.spot_tiles(sd, tile_size_um=40, tile_size_px=64)
+    return sd

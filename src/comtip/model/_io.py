@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE)
+REFERENCE_FILE = "reference.safetensors"  # optional: training spots' image embeddings + panel expression
+MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE, REFERENCE_FILE)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".joblib", ".npy", ".npz")
 _REQUIRED = ("value_levels",)
 _TEXT_KEY = "gene_encoder.text_emb"
@@ -131,10 +132,19 @@ def save_model(model: CoMTIP, path: str | PathLike, *, overwrite: bool = False) 
         },
     }
     st_meta = {"format": "pt", "comtip_version": __version__, "format_version": str(FORMAT_VERSION)}
+    reference = _check_reference(model)
+    if reference is not None:
+        meta["reference"] = {
+            "n_spots": int(reference["embeddings"].shape[0]),
+            "genes": list(model.genes[: reference["expression"].shape[1]]),
+            "sha256": state_dict_checksum(reference),
+        }
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         _write_safetensors(tensors, tmp / WEIGHTS_FILE, st_meta)
+        if reference is not None:
+            _write_safetensors(reference, tmp / REFERENCE_FILE, st_meta)
         _write_json(meta, tmp / CONFIG_FILE)
         if target.exists():
             backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -152,6 +162,47 @@ def save_model(model: CoMTIP, path: str | PathLike, *, overwrite: bool = False) 
         raise
     log.info("saved the model to %s (%d tensors, sha256 %s…)", target, len(tensors), checksum[:12])
     return target
+
+
+def _check_reference(model: CoMTIP) -> dict[str, Tensor] | None:
+    """The model's retrieval reference as plain CPU tensors, checked: ``embeddings`` (n, d), ``expression`` (n, G0)."""
+    ref = getattr(model, "reference", None)
+    if not ref:
+        return None
+    emb, expr = ref.get("embeddings"), ref.get("expression")
+    if not isinstance(emb, Tensor) or not isinstance(expr, Tensor) or emb.dim() != 2 or expr.dim() != 2:
+        msg = "model.reference must hold 2-D tensors 'embeddings' (n, d) and 'expression' (n, G)."
+        raise ValueError(msg)
+    if emb.shape[0] != expr.shape[0] or emb.shape[1] != model.embed_dim or expr.shape[1] > model.n_genes:
+        msg = f"model.reference shapes {tuple(emb.shape)} / {tuple(expr.shape)} do not fit the model (d = {model.embed_dim}, {model.n_genes} genes)."
+        raise ValueError(msg)
+    return {
+        "embeddings": emb.detach().cpu().float().contiguous(),
+        "expression": expr.detach().cpu().float().contiguous(),
+    }
+
+
+def _read_reference(folder: Path, meta: dict[str, Any], genes: list[str]) -> dict[str, Tensor] | None:
+    file = folder / REFERENCE_FILE
+    info = meta.get("reference")
+    if not file.is_file():
+        if info:
+            log.warning("%s is missing: the model's training reference (for retrieval/probe) is not loaded", file)
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        ref = load_file(str(file), device="cpu")
+    except Exception as e:
+        msg = f"{file} could not be read as safetensors ({type(e).__name__}: {e}); it is truncated or corrupted: re-save the model."
+        raise ValueError(msg) from e
+    if set(ref) != {"embeddings", "expression"} or not info or state_dict_checksum(ref) != info.get("sha256"):
+        msg = f"{file} does not match the reference recorded in {CONFIG_FILE}; re-save the model."
+        raise ValueError(msg)
+    if list(info.get("genes", [])) != genes[: ref["expression"].shape[1]]:
+        msg = f"{file}: its genes differ from the model's panel; re-save the model."
+        raise ValueError(msg)
+    return ref
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -290,8 +341,75 @@ def load_model(path: str | PathLike, *, device: str | torch.device | None = None
     training = meta.get("training") or {}
     model.training_summary = dict(training.get("summary") or {})
     model.history = list(training.get("history") or [])
+    model.reference = _read_reference(folder, meta, list(genes))
     model.eval()
     if device is not None:
         model.to(device)
     log.info("loaded %s from %s", model.name, folder)
     return model
+
+
+HUB_FILES = [*MODEL_FILES, "README.md"]
+
+
+def _model_card(model: CoMTIP) -> str:
+    s = model.training_summary
+    lines = [
+        "---",
+        "library_name: comtip",
+        "tags: [spatial-transcriptomics, histology, comtip]",
+        "---",
+        f"# {model.name}",
+        "",
+        "A [comtip](https://github.com/scverse/comtip) CoMTIP model (contrastive masked text-image pretraining for",
+        'spatial transcriptomics). Load it with `ct.tl.load_model("<this repo id>")`.',
+        "",
+        f"- image encoder: `{model.config.image_encoder}`, {model.config.image_size} px, embedding d = {model.embed_dim}",
+        f"- gene panel: {model.n_genes} genes, K = {model.n_value_levels} value levels",
+        f"- trained on: {s.get('sections', 'unknown')} (validation {s.get('validation_sections', [])}), "
+        f"{s.get('epochs', 0)} epochs, tiles {s.get('tile_size_um', '?')} µm at {s.get('tile_size_px', '?')} px",
+        f"- weights sha256: `{model.weights_checksum()}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def push_to_hub(
+    model: CoMTIP,
+    repo_id: str,
+    *,
+    private: bool = True,
+    token: str | None = None,
+    commit_message: str = "Upload comtip model",
+) -> str:
+    """Upload a model to the Hugging Face Hub (safetensors + JSON + a model card); see :meth:`comtip.CoMTIP.push_to_hub`."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError as e:  # pragma: no cover - a dependency of sentence-transformers
+        msg = "Pushing to the Hub needs huggingface_hub: pip install huggingface_hub"
+        raise ImportError(msg) from e
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="comtip_hub_") as tmp:
+        folder = Path(tmp) / "model"
+        save_model(model, folder)
+        (folder / "README.md").write_text(_model_card(model), encoding="utf-8")
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))
+
+
+def download_from_hub(repo_id: str, *, revision: str | None = None, token: str | None = None) -> Path:
+    """Download the files of a comtip model from the Hugging Face Hub (only safetensors, JSON and the card)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover
+        msg = "Loading from the Hub needs huggingface_hub: pip install huggingface_hub"
+        raise ImportError(msg) from e
+    try:
+        path = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_FILES)
+    except Exception as e:
+        msg = (
+            f"Could not download the model {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Check the "
+            "id and your connection, or pass the path of a model folder saved with model.save()."
+        )
+        raise OSError(msg) from e
+    return Path(path)

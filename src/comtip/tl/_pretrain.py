@@ -294,6 +294,7 @@ def pretrain(
         )
     )
     model.eval()
+    _store_reference(model, train_ds, sdata, tiles_key=tiles_key, obs_names=train_obs, table_key=table_key)
     model.training_summary.update(
         {
             "sections": train_secs,
@@ -315,3 +316,29 @@ def pretrain(
     settings.model = model
     logger.info("pretrained %s in %.0f s; it is now the current model", model.name, time.perf_counter() - t_start)
     return model
+
+
+def _store_reference(model, train_ds, sdata, *, tiles_key: str, table_key: str, obs_names: list[str]) -> None:
+    """Keep the training spots' image embeddings (8-fold dihedral average) and panel expression in the model."""
+    import torch
+
+    from ..train import PrefixFeatureDataset
+
+    if isinstance(train_ds, PrefixFeatureDataset):
+        from ..model._inference import embed_prefix_features
+
+        emb = embed_prefix_features(model, train_ds.features)["image"]
+        expr = train_ds.dataset.expr
+    else:
+        from ._data import Spots
+        from ._embed import image_embeddings
+
+        spots = Spots(sdata, sdata.tables[table_key], np.asarray(obs_names, dtype=object), tiles_key)
+        emb = image_embeddings(
+            model, spots, list(obs_names), batch_size=64, device=None, dihedral=True, num_workers=0, prompt=False
+        )["image"]
+        expr = train_ds.expr
+    model.reference = {
+        "embeddings": torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)),
+        "expression": torch.from_numpy(np.ascontiguousarray(expr, dtype=np.float32)),
+    }

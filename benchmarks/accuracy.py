@@ -1,0 +1,117 @@
+"""Accuracy per EVAL.md: CoMTIP (zero-shot, retrieval, probe) next to ImageNet baselines and the mean, one run.
+
+Trains CoMTIP on the training sections (or loads --model), then scores every method of EVAL.md's table on the
+evaluation sections, with gene panels fixed from the training sections only, plus a shuffled-image control of
+the zero-shot predictions.
+
+Usage:
+  python benchmarks/accuracy.py --data-dir ../shared/data --train C2 C3 C4 C5 --eval C6 [--eval-data-dir D2]
+         [--config cpu] [--set key=value ...] [--max-epochs N] [--model DIR] [--save-model DIR] [--json OUT]
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import Timer, emit, machine, peak_rss_mb
+
+
+def _value(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=os.environ.get("COMTIP_DATA_DIR", "../shared/data"))
+    p.add_argument("--train", nargs="+", default=["C2", "C3", "C4", "C5"])
+    p.add_argument("--eval", nargs="+", default=["C6"])
+    p.add_argument("--eval-data-dir", default=None, help="folder of the same layout holding the evaluation sections")
+    p.add_argument("--config", default="cpu", choices=["cpu", "tiny", "paper"])
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. image_trainable_blocks=2"
+    )
+    p.add_argument(
+        "--pretrain",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ct.tl.pretrain arguments, e.g. lr=3e-4 validation=null",
+    )
+    p.add_argument("--max-epochs", type=int, default=None)
+    p.add_argument("--model", default=None, help="evaluate this saved model instead of training")
+    p.add_argument("--save-model", default=None)
+    p.add_argument("--no-dihedral", action="store_true")
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    import comtip as ct
+    from comtip.tl._evaluate import METHODS, evaluate
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ct.settings.show_progress_bar = sys.stderr.isatty()
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = {k: _value(v) for k, v in overrides.items()}
+    kwargs = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.pretrain)}
+    if args.max_epochs is not None:
+        kwargs["max_epochs"] = args.max_epochs
+    with Timer() as t_all:
+        train = ct.datasets.her2st(args.train, data_dir=args.data_dir)
+        test = ct.datasets.her2st(args.eval, data_dir=args.eval_data_dir or args.data_dir)
+        ct.pp.spot_tiles(train)
+        ct.pp.spot_tiles(test)
+        if args.model:
+            model = ct.tl.load_model(args.model)
+            t_train = 0.0
+            config = model.config.to_dict()
+        else:
+            config_obj = getattr(ct.CoMTIPConfig, args.config)(**overrides)
+            config = config_obj.to_dict()
+            with Timer() as tt:
+                model = ct.tl.pretrain(train, config=config_obj, **kwargs)
+            t_train = tt.s
+            if args.save_model:
+                model.save(args.save_model, overwrite=True)
+        res = evaluate(model, train, test, methods=args.methods or METHODS, dihedral=not args.no_dihedral)
+    out = {
+        "benchmark": "accuracy",
+        "methods": res["methods"],
+        "train": args.train,
+        "eval": args.eval,
+        "n_train_spots": res["n_train_spots"],
+        "n_eval_spots": res["n_eval_spots"],
+        "wall_s": round(t_all.s, 1),
+        "train_s": round(t_train, 1),
+        "peak_rss_mb": peak_rss_mb(),
+        "machine": machine(),
+        "config": config,
+        "pretrain": kwargs,
+        "model": args.model,
+        "training": {
+            k: v
+            for k, v in model.training_summary.items()
+            if k in ("sections", "validation_sections", "epochs", "steps", "stages", "wall_s", "cached_image_features")
+        },
+        "history": model.history,
+        "seconds": res["seconds"],
+        "dihedral": res["dihedral"],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    emit(out, args.json)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""EVAL.md's protocol in one call: CoMTIP zero-shot / retrieval / probe next to ImageNet baselines, same run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from .. import _constants as C
+from .._logging import logger
+from .._metrics import pearson_depth_adjusted, pearson_per_gene, recall_at_k, spearman_per_gene
+from .._progress import progress
+from ._data import Spots
+from ._reference import knn_retrieval, ridge_probe
+
+METHODS = ("comtip_zero_shot", "comtip_retrieval", "comtip_probe", "imagenet_probe", "imagenet_retrieval", "mean")
+
+
+def _spots(sdata, table_key: str, tiles_key: str) -> tuple[Spots, list[str]]:
+    from .._spatial import get_table
+
+    if tiles_key not in sdata.shapes:
+        from ..pp import spot_tiles
+
+        spot_tiles(sdata, key_added=tiles_key)
+    table = get_table(sdata, table_key)
+    spots = Spots(sdata, table, table.obs_names.to_numpy(dtype=object), tiles_key)
+    _, names = spots.tiled_rows()
+    return spots, names
+
+
+def _imagenet_features(spots: Spots, names: list[str], *, batch_size: int, device) -> np.ndarray:
+    from torch.utils.data import Subset
+
+    from ..data import SpotDataset, make_loader
+    from ..model._inference import ImageNetEncoder, encode_batches
+
+    ds = SpotDataset(spots.sdata, genes=None, tiles_key=spots.tiles_key, obs_names=names)
+    order = np.lexsort((ds.reader.tiles["y0"].to_numpy(), ds.reader.tiles["image"].to_numpy()))
+    loader = make_loader(Subset(ds, order), batch_size=batch_size)
+    feats = encode_batches(
+        ImageNetEncoder(), progress(loader, desc="ImageNet features", total=len(loader)), device=device
+    )
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    return feats[inv]
+
+
+def _metrics(pred: np.ndarray, true: np.ndarray, depth: np.ndarray, idx: dict[str, np.ndarray]) -> dict[str, float]:
+    out = {}
+    for panel, gi in idx.items():
+        p, t = pred[:, gi], true[:, gi]
+        out[f"pcc_{panel}"] = float(np.mean(pearson_per_gene(p, t)))
+        out[f"pcc_{panel}_adj"] = float(np.mean(pearson_depth_adjusted(p, t, depth)))
+        out[f"spearman_{panel}"] = float(np.mean(spearman_per_gene(p, t)))
+        out[f"mse_{panel}"] = float(np.mean((p - t) ** 2))
+    return out
+
+
+def _profile_recall(pred: np.ndarray, true: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float:
+    return recall_at_k((pred - mu) / sd, (true - mu) / sd, 5)
+
+
+def evaluate(
+    model,
+    train,
+    test,
+    *,
+    methods: Sequence[str] = METHODS,
+    shuffled_control: bool = True,
+    dihedral: bool = True,
+    table_key: str = C.TABLE_KEY,
+    tiles_key: str = C.TILES_KEY,
+    batch_size: int = 64,
+    device: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Score CoMTIP and the baselines of EVAL.md on ``test``, with panels from ``train`` (same run, same spots).
+
+    Parameters
+    ----------
+    model
+        The :class:`comtip.CoMTIP` to evaluate (it must not have seen ``test``).
+    train
+        SpatialData of the training sections (the panels HVG50/HEG250 and all reference-based methods use only these).
+    test
+        SpatialData of the evaluation sections.
+    methods
+        Subset of ``comtip_zero_shot, comtip_retrieval, comtip_probe, imagenet_probe, imagenet_retrieval, mean``.
+    shuffled_control
+        Also score ``comtip_zero_shot`` with the image embeddings shuffled across spots (should be ~0).
+    dihedral
+        Average CoMTIP image embeddings over the 8 dihedral transforms.
+
+    Returns
+    -------
+    ``{"methods": {name: {pcc_hvg50, pcc_heg250, pcc_hvg50_adj, pcc_heg250_adj, spearman_hvg50, spearman_heg250,
+    mse_hvg50, mse_heg250, recall_at5}}, "panels": ..., "n_train_spots", "n_eval_spots", "seconds": ...}``.
+    """
+    from ..pp import eval_panels, log_depth, log_normalized
+    from ._embed import image_embeddings
+    from ._predict import _zero_shot
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        msg = f"Unknown methods {unknown}; choose from {METHODS}."
+        raise ValueError(msg)
+    t0 = time.perf_counter()
+    secs: dict[str, float] = {}
+    tr_spots, tr_names = _spots(train, table_key, tiles_key)
+    te_spots, te_names = _spots(test, table_key, tiles_key)
+    tr_tab, te_tab = tr_spots.table[tr_names], te_spots.table[te_names]
+    panels = eval_panels(tr_tab)
+    genes = list(dict.fromkeys(panels["hvg50"] + panels["heg250"]))
+    idx = {p: np.array([genes.index(g) for g in panels[p]]) for p in ("hvg50", "heg250")}
+    missing = [g for g in genes if g not in set(te_tab.var_names)]
+    if missing:
+        logger.warning("%d panel genes are not measured in the evaluation sections: they score 0", len(missing))
+    y_tr = log_normalized(tr_tab, genes=genes).toarray().astype(np.float64)
+    y_te = log_normalized(te_tab, genes=genes).toarray().astype(np.float64)
+    depth = log_depth(te_tab)
+    mu, sd = y_tr.mean(0), y_tr.std(0)
+    sd[sd == 0] = 1.0
+    res: dict[str, dict] = {}
+
+    need_comtip = any(m.startswith("comtip") for m in methods)
+    if need_comtip:
+        t = time.perf_counter()
+        e_te = image_embeddings(
+            model, te_spots, te_names, batch_size=batch_size, device=device, dihedral=dihedral, num_workers=0
+        )
+        secs["comtip_embed_eval"] = time.perf_counter() - t
+    if "comtip_zero_shot" in methods:
+        t = time.perf_counter()
+        pred = _zero_shot(model, e_te["prompt"], genes, descriptions=None, n_levels=None).astype(np.float64)
+        secs["comtip_zero_shot"] = time.perf_counter() - t
+        r = _metrics(pred, y_te, depth, idx)
+        # shared space: image embedding of spot i against the gene-sentence embeddings of all evaluation spots
+        emb_rows = embed_gene_sentences(model, te_tab, device=device)
+        ok = np.isfinite(emb_rows).all(1)
+        r["recall_at5"] = recall_at_k(e_te["image"][ok], emb_rows[ok], 5)
+        r["recall_at5_profile"] = _profile_recall(pred, y_te, mu, sd)
+        res["comtip_zero_shot"] = r
+        if shuffled_control:
+            perm = np.random.default_rng(seed).permutation(len(te_names))
+            pred_s = _zero_shot(model, e_te["prompt"][perm], genes, descriptions=None, n_levels=None).astype(np.float64)
+            rs = _metrics(pred_s, y_te, depth, idx)
+            rs["recall_at5"] = recall_at_k(e_te["image"][perm][ok], emb_rows[ok], 5)
+            res["comtip_zero_shot_shuffled_images"] = rs
+    if "comtip_retrieval" in methods or "comtip_probe" in methods:
+        t = time.perf_counter()
+        e_tr = image_embeddings(
+            model,
+            tr_spots,
+            tr_names,
+            batch_size=batch_size,
+            device=device,
+            dihedral=dihedral,
+            num_workers=0,
+            prompt=False,
+        )
+        secs["comtip_embed_train"] = time.perf_counter() - t
+        for m in ("comtip_retrieval", "comtip_probe"):
+            if m in methods:
+                pred = _reference_predict(m, e_tr["image"], y_tr, e_te["image"], idx, genes)
+                r = _metrics(pred, y_te, depth, idx)
+                r["recall_at5"] = _profile_recall(pred, y_te, mu, sd)
+                res[m] = r
+    if "imagenet_probe" in methods or "imagenet_retrieval" in methods:
+        t = time.perf_counter()
+        f_tr = _imagenet_features(tr_spots, tr_names, batch_size=batch_size, device=device)
+        f_te = _imagenet_features(te_spots, te_names, batch_size=batch_size, device=device)
+        secs["imagenet_features"] = time.perf_counter() - t
+        for m in ("imagenet_probe", "imagenet_retrieval"):
+            if m in methods:
+                pred = _reference_predict(m, f_tr, y_tr, f_te, idx, genes)
+                r = _metrics(pred, y_te, depth, idx)
+                r["recall_at5"] = _profile_recall(pred, y_te, mu, sd)
+                res[m] = r
+    if "mean" in methods:
+        pred = np.repeat(y_tr.mean(0, keepdims=True), len(y_te), 0)
+        r = _metrics(pred, y_te, depth, idx)
+        r["recall_at5"] = float("nan")
+        res["mean"] = r
+    return {
+        "methods": {k: {kk: round(v, 4) for kk, v in r.items()} for k, r in res.items()},
+        "panels": {"hvg50": panels["hvg50"], "heg250": panels["heg250"], "from": "training sections"},
+        "n_train_spots": len(tr_names),
+        "n_eval_spots": len(te_names),
+        "dihedral": dihedral,
+        "seconds": {k: round(v, 1) for k, v in secs.items()} | {"evaluate": round(time.perf_counter() - t0, 1)},
+    }
+
+
+def _reference_predict(method: str, f_tr, y_tr, f_te, idx, genes) -> np.ndarray:
+    """Retrieval (all genes at once) or the probe (one α per panel, EVAL.md)."""
+    if method.endswith("retrieval"):
+        return knn_retrieval(f_tr, y_tr, f_te, k=50, temperature=0.1)
+    pred = np.zeros((len(f_te), len(genes)))
+    for gi in idx.values():
+        p, _ = ridge_probe(f_tr, y_tr[:, gi], f_te)
+        pred[:, gi] = p
+    return pred
+
+
+def embed_gene_sentences(model, adata, *, device=None) -> np.ndarray:
+    """Gene-sentence embeddings (n_obs, d) of an AnnData's spots over the model's panel (NaN rows without panel genes)."""
+    from ..data import gene_sentences
+    from ..model._inference import embed_genes
+    from ..pp import log_normalized
+
+    expr = log_normalized(adata, genes=model.genes).toarray()
+    gidx, gval, gmask = gene_sentences(expr, model.config.sentence_length)
+    import torch
+
+    batches = (
+        {
+            "gene_idx": torch.from_numpy(gidx[i : i + 256]),
+            "gene_val": torch.from_numpy(gval[i : i + 256]),
+            "gene_mask": torch.from_numpy(gmask[i : i + 256]),
+        }
+        for i in range(0, len(gidx), 256)
+    )
+    emb = embed_genes(model, batches, device=device)
+    emb[~gmask.any(1)] = np.nan
+    return emb

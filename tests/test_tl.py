@@ -1,0 +1,216 @@
+"""The public tools: embed, predict_expression, score_expression, retrieve, load_model; where results go."""
+
+from __future__ import annotations
+
+import copy
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+import comtip as ct
+
+
+@pytest.fixture
+def model(trained):
+    return copy.deepcopy(trained[0])
+
+
+def test_no_current_model_error(test_sdata):
+    ct.settings._model = None
+    with pytest.raises(ValueError, match=r"ct.tl.pretrain\(sdata\).*ct.tl.load_model"):
+        ct.tl.embed(test_sdata)
+
+
+def test_pretrain_sets_current_model_and_history(trained):
+    model, _ = trained
+    assert model.is_trained
+    assert [h["epoch"] for h in model.history] == [0, 1]
+    s = model.training_summary
+    assert s["sections"] == ["S1", "S2"]
+    assert s["validation_sections"] == ["S3"]
+    assert set(s["eval_panels"]) == {"hvg50", "heg250"}
+    assert model.reference["embeddings"].shape == (72, model.embed_dim)
+    assert model.reference["expression"].shape == (72, model.n_genes)
+
+
+def test_embed_writes_documented_keys(model, test_sdata):
+    keys = ct.tl.embed(test_sdata, model)
+    table = test_sdata.tables["table"]
+    assert keys == ["X_comtip_image", "X_comtip_gene"]
+    for k in keys:
+        assert table.obsm[k].shape == (36, model.embed_dim)
+        np.testing.assert_allclose(np.linalg.norm(table.obsm[k], axis=1), 1, atol=1e-5)
+    uns = table.uns["comtip"]["embed"]
+    assert uns["weights_sha256"] == model.weights_checksum()
+    with pytest.raises(ValueError, match="overwrite=True"):
+        ct.tl.embed(test_sdata, model)
+    before = table.obsm["X_comtip_image"].copy()
+    ct.tl.embed(test_sdata, model, overwrite=True)
+    np.testing.assert_array_equal(before, table.obsm["X_comtip_image"])  # embedding is deterministic
+
+
+def test_current_model_is_used(model, test_sdata):
+    ct.settings.model = model
+    assert ct.tl.embed(test_sdata) == ["X_comtip_image", "X_comtip_gene"]
+
+
+def test_predict_zero_shot_layers_and_new_gene(model, test_sdata):
+    table = test_sdata.tables["table"]
+    genes = ["ERBB2", "KRT19", "CDH1"]  # CDH1: measured nowhere, not in the panel: prompted from its description
+    assert "CDH1" not in model.genes
+    assert ct.tl.predict_expression(test_sdata, model, genes=genes, dihedral=False) == "comtip_pred"
+    layer = table.layers["comtip_pred"]
+    assert layer.shape == table.shape
+    vi = table.var_names.get_indexer(["ERBB2", "KRT19"])
+    assert np.isfinite(layer[:, vi]).all()
+    others = np.setdiff1d(np.arange(table.n_vars), vi)
+    assert np.isnan(layer[:, others]).all()  # unpredicted genes are NaN, never zeros
+    df = table.obsm["comtip_pred"]
+    assert isinstance(df, pd.DataFrame)
+    assert list(df.columns) == ["CDH1"]
+    assert np.isfinite(df.to_numpy()).all()
+    assert model.n_genes == 30  # the user's model keeps its panel
+    rec = table.uns["comtip"]["predict_expression"]
+    assert rec["method"] == "zero_shot"
+    assert rec["genes"] == genes
+    with pytest.raises(ValueError, match="overwrite=True"):
+        ct.tl.predict_expression(test_sdata, model, genes=genes, dihedral=False)
+
+
+def test_zero_shot_never_reads_target_expression(model, test_sdata):
+    ct.tl.predict_expression(test_sdata, model, dihedral=False)
+    table = test_sdata.tables["table"]
+    first = table.layers["comtip_pred"].copy()
+    rng = np.random.default_rng(3)
+    scrambled = sparse.csr_matrix(rng.poisson(5, table.shape).astype(np.float32))
+    table.X = scrambled
+    table.layers["counts"] = scrambled.copy()
+    ct.tl.predict_expression(test_sdata, model, dihedral=False, overwrite=True)
+    np.testing.assert_array_equal(first, table.layers["comtip_pred"])
+
+
+def test_reference_methods(model, test_sdata, trained):
+    ct.tl.predict_expression(
+        test_sdata, model, method="retrieval", genes=["ERBB2", "KRT19"], k=10, dihedral=False, layer_added="retr"
+    )
+    ct.tl.predict_expression(
+        test_sdata, model, method="probe", genes=["ERBB2", "KRT19"], dihedral=False, layer_added="probe"
+    )
+    ct.tl.predict_expression(
+        test_sdata, model, method="probe", reference=trained[1], genes=["ERBB2"], dihedral=False, layer_added="probe2"
+    )
+    table = test_sdata.tables["table"]
+    for layer in ("retr", "probe", "probe2"):
+        assert np.isfinite(table.layers[layer][:, table.var_names.get_loc("ERBB2")]).all()
+    assert table.uns["comtip"]["predict_expression"]["reference"] == "given"
+    with pytest.raises(ValueError, match="reference="):
+        ct.tl.predict_expression(test_sdata, model, method="retrieval", genes=["CDH1"], layer_added="x")
+
+
+def test_score_expression(model, test_sdata):
+    ct.tl.predict_expression(test_sdata, model, dihedral=False)
+    df = ct.tl.score_expression(test_sdata, model=model)
+    table = test_sdata.tables["table"]
+    assert set(df.columns) >= {"pearson", "spearman", "pearson_adj", "hvg50", "heg250"}
+    assert len(df) == len([g for g in model.genes if g in table.var_names])
+    assert np.isfinite(table.var["comtip_pearson"].dropna()).all()
+    summary = table.uns["comtip"]["score_expression"]
+    assert summary["panels_from"] == "model training spots"
+    assert -1 <= summary["hvg50"]["pearson"] <= 1
+    with pytest.raises(ValueError, match="overwrite=True"):
+        ct.tl.score_expression(test_sdata, model=model)
+
+
+def test_score_requires_predictions(test_sdata):
+    with pytest.raises(KeyError, match="predict_expression"):
+        ct.tl.score_expression(test_sdata)
+
+
+def test_retrieve(model, test_sdata):
+    df = ct.tl.retrieve(test_sdata, model, k=5)
+    table = test_sdata.tables["table"]
+    assert table.obsm["comtip_retrieval"].shape == (36, 5)
+    rec = table.uns["comtip"]["retrieve"]
+    assert rec["recall_at_k"] == pytest.approx(df["hit"].mean())
+    assert rec["chance"] == pytest.approx(5 / 36)
+
+
+def test_unknown_gene_without_description(model, test_sdata):
+    with pytest.raises(KeyError, match="descriptions="):
+        ct.tl.predict_expression(test_sdata, model, genes=["NOTAGENE1"])
+    assert "comtip_pred" not in test_sdata.tables["table"].layers
+    ct.tl.predict_expression(
+        test_sdata,
+        model,
+        genes=["NOTAGENE1"],
+        descriptions={"NOTAGENE1": "NOTAGENE1: a keratin of epithelia."},
+        dihedral=False,
+    )
+    assert "NOTAGENE1" in test_sdata.tables["table"].obsm["comtip_pred"].columns
+
+
+def test_data_without_tiles(model, sdata_factory):
+    sd = sdata_factory(sections=("T1",))
+    with pytest.raises(KeyError, match=r"ct.pp.spot_tiles"):
+        ct.tl.embed(sd, model)
+    assert "X_comtip_image" not in sd.tables["table"].obsm
+
+
+def test_results_round_trip_h5ad_and_zarr(model, test_sdata, tmp_path):
+    ct.tl.embed(test_sdata, model)
+    ct.tl.predict_expression(test_sdata, model, genes=["ERBB2", "CDH1"], dihedral=False)
+    ct.tl.score_expression(test_sdata, model=model)
+    table = test_sdata.tables["table"]
+    table.write_h5ad(tmp_path / "t.h5ad")
+    back = ad.read_h5ad(tmp_path / "t.h5ad")
+    np.testing.assert_array_equal(back.layers["comtip_pred"], table.layers["comtip_pred"])
+    pd.testing.assert_frame_equal(back.obsm["comtip_pred"], table.obsm["comtip_pred"])
+    assert back.uns["comtip"]["predict_expression"]["genes"].tolist() == ["ERBB2", "CDH1"]
+    test_sdata.write(tmp_path / "s.zarr")
+    import spatialdata as sd
+
+    s2 = sd.read_zarr(tmp_path / "s.zarr")
+    t2 = s2.tables["table"]
+    np.testing.assert_array_equal(t2.obsm["X_comtip_image"], table.obsm["X_comtip_image"])
+    np.testing.assert_array_equal(t2.layers["comtip_pred"], table.layers["comtip_pred"])
+    assert "comtip_tiles" in s2.shapes
+
+
+def test_save_load_model_round_trip(model, test_sdata, tmp_path):
+    model.save(tmp_path / "m")
+    loaded = ct.tl.load_model(tmp_path / "m")
+    assert ct.settings.model is loaded
+    assert loaded.reference is not None
+    a = ct.tl.embed(test_sdata, model, key_added="a")
+    b = ct.tl.embed(test_sdata, loaded, key_added="b")
+    t = test_sdata.tables["table"]
+    np.testing.assert_allclose(t.obsm[a[0]], t.obsm[b[0]], atol=1e-6)
+    np.testing.assert_allclose(t.obsm[a[1]], t.obsm[b[1]], atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="Hugging Face Hub id"):
+        ct.tl.load_model(tmp_path / "nothing-here")
+
+
+def test_anndata_input(model, test_sdata):
+    """A scanpy Visium-style AnnData (uns['spatial'] with the H&E, obsm['spatial'] in full-res pixels) works as input."""
+    from comtip._images import level_arrays
+
+    t = test_sdata.tables["table"]
+    g = test_sdata.shapes["T1_spots"].geometry
+    img = np.moveaxis(np.asarray(level_arrays(test_sdata.images["T1_he"])[0].data), 0, -1)
+    adata = ad.AnnData(
+        X=t.layers["counts"].copy(),
+        obs=pd.DataFrame(index=[f"spot{i}" for i in range(t.n_obs)]),
+        var=pd.DataFrame(index=t.var_names),
+    )
+    adata.obsm["spatial"] = np.column_stack([g.x, g.y])
+    adata.uns["spatial"] = {
+        "T1": {"images": {"hires": img}, "scalefactors": {"tissue_hires_scalef": 1.0, "spot_diameter_fullres": 55.0}}
+    }
+    keys = ct.tl.embed(adata, model)
+    assert adata.obsm[keys[0]].shape == (36, model.embed_dim)
+    ct.tl.predict_expression(adata, model, genes=["ERBB2", "CDH1"], dihedral=False)
+    assert np.isfinite(adata.layers["comtip_pred"][:, adata.var_names.get_loc("ERBB2")]).all()
+    assert "CDH1" in adata.obsm["comtip_pred"]
