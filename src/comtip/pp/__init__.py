@@ -2,6 +2,7 @@
 
 from .._gene_text import harmonize_symbols
 from ._expression import candidate_genes, eval_panels, gene_panel, log_depth, log_normalized, value_levels
+from ._grid import grid_spots, tissue_mask
 from ._text import gene_text, gene_text_embeddings
 from ._tiles import spot_tiles
 
@@ -11,9 +12,11 @@ __all__ = [
     "gene_panel",
     "gene_text",
     "gene_text_embeddings",
+    "grid_spots",
     "harmonize_symbols",
     "log_depth",
     "log_normalized",
     "spot_tiles",
+    "tissue_mask",
     "value_levels",
 ]

@@ -16,6 +16,26 @@ from .._logging import logger
 LAST = "last.ckpt"
 
 
+def _atomic_checkpoint_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class AtomicCheckpoint(ModelCheckpoint):
+        """ModelCheckpoint that writes to a temporary file and renames it: a kill mid-write keeps the last good one."""
+
+        def _save_checkpoint(self, trainer, filepath: str) -> None:
+            tmp = f"{filepath}.tmp"
+            trainer.save_checkpoint(tmp, self.save_weights_only)
+            if trainer.is_global_zero:
+                os.replace(tmp, filepath)
+            self._last_global_step_saved = trainer.global_step
+            self._last_checkpoint_saved = filepath
+            if trainer.is_global_zero:
+                for logger_ in trainer.loggers:
+                    logger_.after_save_checkpoint(self)
+
+    return AtomicCheckpoint
+
+
 def default_precision(accelerator: str) -> str:
     """bf16 mixed precision on GPUs that support it, fp16 mixed on other GPUs, fp32 on CPU."""
     import torch
@@ -72,7 +92,7 @@ def fit(
     """
     import lightning.pytorch as L
     import torch
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping
 
     from ._module import CoMTIPModule, _BestWeights
 
@@ -101,7 +121,7 @@ def fit(
     if not has_val or (monitor == "val/pcc_adj" and val_genes is None):
         monitor = "val/recall5" if has_val else None
     callbacks: list = [
-        ModelCheckpoint(
+        _atomic_checkpoint_class()(
             dirpath=ckpt_dir,
             filename=f"{stage}-last",
             save_last=False,
@@ -137,6 +157,8 @@ def fit(
         log_every_n_steps=max(1, min(50, steps_per_epoch)),
         default_root_dir=ckpt_dir,
         gradient_clip_val=gradient_clip_val,
+        # under DDP on GPUs, BatchNorm statistics over all ranks' batches (SyncBatchNorm has no CPU kernel)
+        sync_batchnorm=torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"),
         limit_val_batches=1.0 if has_val else 0,
     )
     ckpt = ckpt_dir / f"{stage}-last.ckpt"

@@ -214,6 +214,13 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_fit_end(self) -> None:
+        # DDP keeps parameters in sync; buffers (running statistics) updated by each rank's last batch are
+        # broadcast from rank 0 so that every replica ends identical
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buf in self.model.buffers():
+                torch.distributed.broadcast(buf.data, src=0)
+
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["comtip_rng"] = {"torch": torch.get_rng_state()}
