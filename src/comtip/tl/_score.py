@@ -141,6 +141,8 @@ def score_expression(
             "n_genes": int(sel.sum()),
             "n_not_predicted": int(n_missing),
         }
+        if pname != "all":
+            summary[pname]["genes"] = list(df.index[sel])
     for col, src in zip(cols, ["pearson", "spearman", "pearson_adj"], strict=True):
         v = np.full(adata.n_vars, np.nan)
         v[gi] = df[src].to_numpy()

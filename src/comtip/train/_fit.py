@@ -54,6 +54,9 @@ def _quiet_lightning(show: bool) -> None:
     # our samplers shard across ranks themselves, and a few workers are deliberate on small data
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+    # the frozen part of the image tower is kept in eval mode on purpose (BatchNorm statistics stay ImageNet's)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
 def fit(
