@@ -674,6 +674,19 @@ def test_load_refuses_corrupted_or_truncated_files(saved):
         ct.CoMTIP.load(saved)
 
 
+def test_load_refuses_a_pickle_named_safetensors_and_never_runs_it(saved, tmp_path):
+    marker = tmp_path / "marker.txt"
+    with open(saved / "model.safetensors", "wb") as fh:
+        pickle.dump({"state_dict": _Payload(marker)}, fh)
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors could not be read as safetensors.*truncated or corrupted"
+    ):
+        ct.CoMTIP.load(saved)
+    with pytest.raises(ValueError, match="could not be read as safetensors"):
+        ct.tl.load_model(saved)
+    assert not marker.exists()
+
+
 def test_load_refuses_newer_major_version_and_bad_configs(saved):
     cfg_file = saved / "config.json"
     meta = json.loads(cfg_file.read_text())

@@ -76,6 +76,44 @@ def test_chunked_reads_match_numpy(sdata):
         np.testing.assert_array_equal(t, arr[:, y0 : y0 + 40, x0 : x0 + 40])
 
 
+def test_read_order_decodes_each_chunk_about_once_with_a_bounded_cache(sdata_factory, monkeypatch):
+    """Many small chunks, read in strips: few decodes, and the cache holds far less than the image."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    from comtip.data import _reader
+
+    sd = sdata_factory(sections=("S1",), n_side=12)
+    img = sd.images["S1_he"]
+    arr = np.asarray(img.data)
+    sd.images["S1_he"] = Image2DModel.parse(
+        arr, dims=("c", "y", "x"), transformations=get_transformation(img, get_all=True), chunks=(3, 64, 64)
+    )
+    ct.pp.spot_tiles(sd, tile_size_um=40, tile_size_px=32)
+    tiles = sd.shapes["comtip_tiles"]
+    monkeypatch.setattr(_reader, "CACHE_MARGIN", 0)  # the bare working set, to see it bounded on a small image
+    reader = TileReader(sd, tiles)
+    n_chunks = int(np.prod(reader._arrays[("S1_he", 0)].numblocks))
+    assert reader.cache_bytes < arr.nbytes / 3  # three chunk rows of a strip, not the image
+    order = reader.read_order()
+    assert sorted(order) == list(range(len(tiles)))
+    strip = tiles["x0"].to_numpy()[order] // (64 * _reader.STRIP_CHUNKS)
+    assert (np.diff(strip) >= 0).all()  # strip after strip
+    decoded = []
+    original = reader._get_chunks
+
+    def counting(a, keys):
+        decoded.extend(k for k in keys if (a.name, *k) not in reader._cache)
+        return original(a, keys)
+
+    reader._get_chunks = counting
+    got = torch.cat([reader.read(order[i : i + 16], native=False) for i in range(0, len(order), 16)])
+    assert len(decoded) <= 1.25 * n_chunks
+    assert reader._cached <= reader.cache_bytes + 16 * 4 * 64 * 64 * 3  # at most one batch's chunks over
+    expected = TileReader(sd, tiles, cache_mb=0.01).read(order)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_pyramid_level_from_target_mpp(sdata_factory):
     from comtip._images import image_levels, level_arrays
     from comtip.io._image import parse_image

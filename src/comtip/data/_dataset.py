@@ -55,7 +55,8 @@ class SpotDataset:
     cache_tiles
         Read all tiles once, up front, and keep them in memory (uint8); for training on a few thousand spots.
     cache_mb
-        Size of the chunk cache of the tile reader.
+        Size of the chunk cache of the tile reader; ``None`` sizes it to what reading in
+        :meth:`TileReader.read_order` needs (it does not grow with the slide).
     """
 
     def __init__(
@@ -72,7 +73,7 @@ class SpotDataset:
         colour_jitter: float = 0.1,
         seed: int = 0,
         cache_tiles: bool = False,
-        cache_mb: float = 1024.0,
+        cache_mb: float | None = None,
     ) -> None:
         from .._spatial import get_table
 
@@ -130,7 +131,7 @@ class SpotDataset:
 
         from .._progress import progress
 
-        order = np.lexsort((self.reader.tiles["y0"].to_numpy(), self.reader.tiles["image"].to_numpy()))
+        order = self.reader.read_order()
         out = torch.empty((len(self), 3, self.reader.out_size, self.reader.out_size), dtype=torch.uint8)
         for i in progress(range(0, len(order), batch_size), desc="reading tiles"):
             rows = order[i : i + batch_size]

@@ -8,9 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from .._checks import check_image_pixels
 from .._images import level_arrays
 
 PAD_VALUE = 255  # glass is white on an H&E scan
+STRIP_CHUNKS = 8  # read order: vertical strips this many chunk columns wide, each top to bottom
+CACHE_MARGIN = 32 << 20  # bytes added to the computed working set of the chunk cache
 
 
 def resize_tiles(tiles, size: int):
@@ -30,7 +33,8 @@ class TileReader:
     A batch is grouped by image level; for lazy (dask) images, the chunks the batch touches are computed
     in one call and kept in an LRU cache of ``cache_mb`` megabytes, so a chunk is decoded once however
     many tiles it holds — never one spatial query per tile. Tiles are resized to ``tile_size_px``
-    (bicubic, antialiased) and returned as uint8 ``(n, 3, P, P)``.
+    (bicubic, antialiased) and returned as uint8 ``(n, 3, P, P)``. Reading rows in :meth:`read_order`
+    decodes each chunk about once with a cache that does not grow with the slide.
 
     Parameters
     ----------
@@ -39,16 +43,19 @@ class TileReader:
     tiles
         Rows of ``sdata.shapes['comtip_tiles']`` (columns ``image, level, x0, y0, size, tile_size_px``).
     cache_mb
-        Size of the chunk cache.
+        Size of the chunk cache. ``None``: what :meth:`read_order` needs (three chunk rows of a strip of
+        ``STRIP_CHUNKS + 1`` chunk columns of the largest level read, or its largest chunk, plus a margin), so memory
+        stays flat however large the slide. The chunks of the batch being read are always kept.
     """
 
-    def __init__(self, sdata, tiles: pd.DataFrame, *, cache_mb: float = 1024.0) -> None:
+    def __init__(self, sdata, tiles: pd.DataFrame, *, cache_mb: float | None = None) -> None:
         self.tiles = tiles.reset_index(drop=True)
         self._arrays: dict[tuple[str, int], object] = {}
         for img, lvl in self.tiles[["image", "level"]].drop_duplicates().itertuples(index=False):
             if img not in sdata.images:
                 msg = f"Tiles refer to image {img!r}, which is not in the SpatialData object (images: {list(sdata.images)}); recompute ct.pp.spot_tiles."
                 raise KeyError(msg)
+            check_image_pixels(sdata.images[img], key=img, warn_rgba=False)  # it may have changed since spot_tiles
             levels = level_arrays(sdata.images[img])
             if int(lvl) >= len(levels):
                 msg = f"Tiles refer to level {lvl} of image {img!r}, which has {len(levels)} level(s); recompute ct.pp.spot_tiles."
@@ -57,7 +64,7 @@ class TileReader:
             if hasattr(data, "numblocks") and data.numblocks[0] != 1:
                 data = data.rechunk({0: -1})  # all channels in one chunk
             self._arrays[(img, int(lvl))] = data
-        self.cache_bytes = int(cache_mb * 2**20)
+        self.cache_bytes = self._working_set_bytes() if cache_mb is None else int(cache_mb * 2**20)
         self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._cached = 0
         self._graphs: dict[str, dict] = {}
@@ -73,6 +80,44 @@ class TileReader:
         state["_cached"] = 0
         state["_graphs"] = {}
         return state
+
+    # -- read order and cache size ----------------------------------------------------------------
+    def _strip_px(self, arr) -> int:
+        """Width of a read strip in pixels of ``arr``'s level (the whole level for in-memory arrays)."""
+        if isinstance(arr, np.ndarray) or not hasattr(arr, "chunks"):
+            return max(int(arr.shape[-1]), 1)
+        return max(int(arr.chunks[2][0]) * STRIP_CHUNKS, 1)
+
+    def read_order(self) -> np.ndarray:
+        """Row order that decodes each chunk about once, with a cache that does not grow with the slide.
+
+        Rows go by image and level, then in vertical strips of ``STRIP_CHUNKS`` chunk columns, each read top to
+        bottom. Row by row across a whole slide would need two full-width chunk rows in the cache, which grows
+        with the slide; strips bound it (the chunk column at a strip's edge is decoded twice: 1 in
+        ``STRIP_CHUNKS``).
+        """
+        n = len(self.tiles)
+        strip = np.zeros(n, dtype=np.int64)
+        group = np.zeros(n, dtype=np.int64)
+        img = self.tiles["image"].to_numpy()
+        lvl = self.tiles["level"].to_numpy()
+        x0 = self.tiles["x0"].to_numpy(np.int64)
+        for g, ((name, level), arr) in enumerate(self._arrays.items()):
+            sel = (img == name) & (lvl == level)
+            group[sel] = g
+            strip[sel] = np.floor_divide(x0[sel], self._strip_px(arr))
+        return np.lexsort((x0, self.tiles["y0"].to_numpy(np.int64), strip, group))
+
+    def _working_set_bytes(self) -> int:
+        """Cache size for :meth:`read_order`: three chunk rows of a strip (+1 column), or the largest chunk."""
+        need = 0
+        for arr in self._arrays.values():
+            if isinstance(arr, np.ndarray) or not hasattr(arr, "chunks"):
+                continue
+            cy, cx = max(arr.chunks[1]), max(arr.chunks[2])
+            chunk = int(arr.shape[0]) * cy * cx * np.dtype(arr.dtype).itemsize
+            need = max(need, chunk * min(3, arr.numblocks[1]) * min(STRIP_CHUNKS + 1, arr.numblocks[2]))
+        return int(need * 1.5) + CACHE_MARGIN
 
     # -- chunk cache ---------------------------------------------------------------------------
     def _graph(self, arr) -> dict:
@@ -165,23 +210,18 @@ class TileReader:
 
         rows = np.asarray(rows, dtype=np.int64)
         sub = self.tiles.iloc[rows]
-        result: list = [None] * len(rows)
+        native_tiles: list = [None] * len(rows)
+        out = None if native else torch.empty((len(rows), 3, self.out_size, self.out_size), dtype=torch.uint8)
         for (img, lvl, size), grp in sub.groupby(["image", "level", "size"], sort=False):
             pos = np.flatnonzero(
                 (sub["image"].to_numpy() == img) & (sub["level"].to_numpy() == lvl) & (sub["size"].to_numpy() == size)
             )
             arr = self._arrays[(img, int(lvl))]
             tiles = self._read_level(arr, grp[["x0", "y0"]].to_numpy(np.int64), int(size))
-            if not native and int(size) != self.out_size:
-                t = torch.from_numpy(tiles).float()
-                t = torch.nn.functional.interpolate(
-                    t, size=(self.out_size, self.out_size), mode="bicubic", antialias=True, align_corners=False
-                )
-                tiles = t.round_().clamp_(0, 255).to(torch.uint8).numpy()
-            for j, p in enumerate(pos):
-                result[p] = tiles[j]
-        if native:
-            return result
-        if not result:
-            return torch.empty((0, 3, self.out_size, self.out_size), dtype=torch.uint8)
-        return torch.from_numpy(np.stack(result))
+            if native:
+                for j, p in enumerate(pos):
+                    native_tiles[p] = tiles[j]
+            else:
+                # antialiased bicubic on uint8 (as PIL's BICUBIC): several times faster than on floats
+                out[torch.from_numpy(pos)] = resize_tiles(torch.from_numpy(tiles), self.out_size)
+        return native_tiles if native else out

@@ -323,6 +323,10 @@ def from_anndata(
     >>> adata = sc.read_visium("outs/")
     >>> sdata = ct.io.from_anndata(adata, image="outs/tissue_fullres.tif")
     """
+    from .._checks import check_has_spots, check_names
+
+    check_has_spots(adata, element="The AnnData")
+    check_names(adata, element="The AnnData", genes=False)  # duplicated genes are merged (harmonize_genes)
     if "spatial" not in adata.obsm:
         msg = "adata.obsm['spatial'] is missing: from_anndata needs the spot centres in full-resolution image pixels."
         raise KeyError(msg)

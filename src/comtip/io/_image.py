@@ -24,10 +24,17 @@ def _pil_open(path: Path):
 
 
 def _decode_rgb(path: str, mode: str) -> np.ndarray:
-    img = _pil_open(Path(path))
-    if mode != "RGB":
-        img = img.convert("RGB")
-    return np.moveaxis(np.asarray(img), -1, 0)
+    try:
+        with _pil_open(Path(path)) as img:
+            rgb = img.convert("RGB") if mode != "RGB" else img
+            arr = np.asarray(rgb)
+    except (OSError, ValueError) as e:  # truncated or damaged files decode only when pixels are read
+        msg = (
+            f"Image file {path!r} could not be decoded ({type(e).__name__}: {e}); it is truncated or damaged. "
+            "Copy or download it again, then read the data again."
+        )
+        raise ValueError(msg) from e
+    return np.moveaxis(arr, -1, 0)
 
 
 def image_shape(path: str | os.PathLike) -> tuple[int, int, int]:

@@ -12,6 +12,7 @@ import pandas as pd
 from scipy import sparse
 
 from .. import _constants as C
+from .._checks import check_counts
 from .._logging import logger
 from .._spatial import nearest_neighbour_spacing
 from ._utils import build_table, combine_sections, spot_circles
@@ -95,6 +96,20 @@ def read_st(
     ``"{section}_spots"`` (circles, radius in pixels) and table ``"table"`` (raw counts in ``X`` and
     ``layers['counts']``, ``obs['section']``, ``obs['region']``, ``var['original_symbols']``).
 
+    Raises
+    ------
+    FileNotFoundError
+        A missing counts, spot or image file.
+    ValueError
+        Empty counts, duplicated spots, non-numeric, NaN or negative counts, spots without a position, an
+        unreadable or single-channel image, a missing or non-positive ``mpp``.
+
+    Warns
+    -----
+    UserWarning
+        ``mpp`` far from the one the spot spacing suggests (e.g. off by 10x); non-integer counts; spots outside
+        the image; an RGBA image (alpha dropped).
+
     Examples
     --------
     >>> sdata = ct.io.read_st("C2.tsv.gz", "C2_selection.tsv", "C2_HE.jpg", section="C2", mpp=0.688)
@@ -106,7 +121,15 @@ def read_st(
         msg = f"Spot file of section {section!r} has duplicated spots {list(spt.index[spt.index.duplicated()][:5])}; keep one row per spot."
         raise ValueError(msg)
 
-    spacing_px = nearest_neighbour_spacing(spt[["pixel_x", "pixel_y"]].to_numpy(float))
+    xy = spt[["pixel_x", "pixel_y"]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    if not np.isfinite(xy).all():
+        bad = list(spt.index[~np.isfinite(xy).all(axis=1)][:5])
+        msg = (
+            f"Spot file of section {section!r} has spots without a valid position (pixel_x, pixel_y) {bad}; "
+            "fix or drop those rows."
+        )
+        raise ValueError(msg)
+    spacing_px = nearest_neighbour_spacing(xy)
     estimate = spot_pitch_um / spacing_px if np.isfinite(spacing_px) and spacing_px > 0 else float("nan")
     if mpp is None:
         hint = f" The spot spacing suggests about {estimate:.3f} µm/px." if np.isfinite(estimate) else ""
@@ -147,6 +170,11 @@ def read_st(
         from ._image import parse_image, read_image_lazy
 
         arr = read_image_lazy(image, element=f"{section}{C.IMAGE_SUFFIX}")
+        from ._anndata import check_spots_in_image
+
+        check_spots_in_image(
+            spt[["pixel_x", "pixel_y"]].to_numpy(float), arr.shape[1:], element=f"{section}{C.IMAGE_SUFFIX}"
+        )
         images[f"{section}{C.IMAGE_SUFFIX}"] = parse_image(arr, coordinate_system=section, mpp=mpp)
 
     region = f"{section}{C.SPOTS_SUFFIX}"
@@ -178,14 +206,19 @@ def read_st(
 
 def _check_counts(cnt: pd.DataFrame, *, section: str) -> pd.DataFrame:
     if cnt.shape[0] == 0 or cnt.shape[1] == 0:
-        msg = f"Counts of section {section!r} are empty ({cnt.shape[0]} spots x {cnt.shape[1]} genes)."
+        msg = (
+            f"Counts of section {section!r} are empty ({cnt.shape[0]} spots x {cnt.shape[1]} genes): pass the "
+            "section's table of raw UMI counts (spots x genes), and check the file or how it was subset."
+        )
         raise ValueError(msg)
     if cnt.index.has_duplicates:
         dup = list(cnt.index[cnt.index.duplicated()][:5])
         msg = f"Counts of section {section!r} have duplicated spot rows {dup}; keep one row per spot."
         raise ValueError(msg)
-    non_numeric = [c for c in cnt.columns if not pd.api.types.is_numeric_dtype(cnt[c])]
+    # by position: with duplicated gene columns, cnt[name] is a DataFrame
+    non_numeric = [str(c) for c, t in zip(cnt.columns, cnt.dtypes, strict=True) if not pd.api.types.is_numeric_dtype(t)]
     if non_numeric:
         msg = f"Counts of section {section!r} have non-numeric columns {non_numeric[:5]}; the table must hold UMI counts only."
         raise ValueError(msg)
+    check_counts(cnt.to_numpy(dtype=np.float32), element=f"section {section!r}", fix="pass the raw UMI count table")
     return cnt

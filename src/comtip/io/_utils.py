@@ -94,7 +94,9 @@ def build_table(
         X, var_df = harmonize_var(X, genes, original_names, var=var, aggregate="sum" if is_counts else "first")
     else:
         if pd.Index(genes).has_duplicates:
-            msg = f"Section {section!r} has duplicated gene names; pass harmonize_genes=True to merge them."
+            index = pd.Index(genes)
+            dup = [str(g) for g in index[index.duplicated()].unique()[:5]]
+            msg = f"Section {section!r} has duplicated gene names {dup}; pass harmonize_genes=True to merge (sum) them."
             raise ValueError(msg)
         var_df = pd.DataFrame({C.ORIGINAL_SYMBOLS: original_names}, index=pd.Index(list(genes), dtype=str))
         if var is not None:

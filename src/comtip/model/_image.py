@@ -311,9 +311,14 @@ class ImageTower(nn.Module):
         try:
             self._probe_shapes()
         except (AssertionError, RuntimeError) as e:
-            msg = (
-                f"image_size={config.image_size} does not suit {config.image_encoder!r} ({e}); pick another image_size."
+            patch = getattr(getattr(self.backbone, "patch_embed", None), "patch_size", None)
+            p = max(patch) if isinstance(patch, tuple | list) else patch
+            hint = (
+                f"use a multiple of its {p} px patch, e.g. image_size={max(p, round(config.image_size / p) * p)}"
+                if p
+                else "pick another image_size"
             )
+            msg = f"CoMTIPConfig.image_size={config.image_size} does not suit {config.image_encoder!r} ({e}): {hint}."
             raise ValueError(msg) from e
         self.mask_token: nn.Parameter | None = None
         # a ViT always drops hidden patch tokens (after its stem); CNN inputs (C, h, w) are masked by replacement

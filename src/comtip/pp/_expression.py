@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,6 +9,7 @@ import pandas as pd
 from scipy import sparse
 
 from .. import _constants as C
+from .._checks import check_counts
 
 INPUT_KEY = "comtip_input"  # table.uns["comtip_input"] = {"x_is_counts": False, "x_transform": "log1p"}
 
@@ -27,31 +27,6 @@ def _counts_matrix(adata, layer: str | None) -> tuple[sparse.csr_matrix, bool]:
     if C.COUNTS_LAYER in adata.layers:
         return sparse.csr_matrix(adata.layers[C.COUNTS_LAYER]), True
     return sparse.csr_matrix(adata.X), bool(info.get("x_is_counts", True))
-
-
-def check_counts(X: sparse.spmatrix, *, element: str = "table") -> None:
-    """Refuse NaN or negative counts; warn on non-integer counts (normalised data passed as counts?)."""
-    data = X.data if sparse.issparse(X) else np.asarray(X).ravel()
-    if data.size == 0:
-        return
-    if not np.isfinite(data).all():
-        msg = (
-            f"Counts of {element} contain NaN or infinite values; comtip needs raw UMI counts (pass layer= with them)."
-        )
-        raise ValueError(msg)
-    if (data < 0).any():
-        msg = (
-            f"Counts of {element} contain negative values ({int((data < 0).sum())} entries), so they are not raw counts "
-            "(scaled or centred data?). Pass layer= with the raw UMI counts."
-        )
-        raise ValueError(msg)
-    if not np.allclose(data[: min(data.size, 100_000)], np.round(data[: min(data.size, 100_000)])):
-        warnings.warn(
-            f"Counts of {element} are not integers: is this normalised data? comtip normalises raw counts itself "
-            "(to 1e4 per spot, then log1p); pass layer= with the raw counts if you have them.",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def log_normalized(adata, *, layer: str | None = None, genes: Sequence[str] | None = None) -> sparse.csr_matrix:
@@ -74,7 +49,8 @@ def log_normalized(adata, *, layer: str | None = None, genes: Sequence[str] | No
     X, is_counts = _counts_matrix(adata, layer)
     X = X.astype(np.float32)
     if is_counts:
-        check_counts(X, element=f"layer {layer!r}" if layer else "the table")
+        # a fixed warning location: shown once, however many times a tool normalises the same table
+        check_counts(X, element=f"layer {layer!r}" if layer else "the table", stacklevel=1)
         total = np.asarray(X.sum(axis=1)).ravel()
         scale = np.divide(C.TARGET_SUM, total, out=np.zeros_like(total), where=total > 0)
         X = sparse.diags(scale.astype(np.float32)) @ X

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 
 from .. import _constants as C
+from .._checks import check_image_pixels, check_names, check_spot_spacing
 from .._images import choose_level, image_levels
 from .._logging import logger
-from .._spatial import get_units, table_regions
+from .._spatial import get_units, nearest_neighbour_spacing, table_regions
 
 TILE_COLUMNS = [
     "region",
@@ -50,6 +51,17 @@ def _find_image(sdata, region: str, image_key: str | Mapping[str, str] | None) -
                 raise ValueError(msg)
             candidates = preferred
     if not candidates:
+        section = region[: -len(C.SPOTS_SUFFIX)] if region.endswith(C.SPOTS_SUFFIX) else region
+        own = f"{section}{C.IMAGE_SUFFIX}"
+        if image_key is None and own in sdata.images:
+            # the section's own image is there but cannot be reached: misaligned, not count-only
+            msg = (
+                f"Image {own!r} and spots {region!r} share no coordinate system (image: "
+                f"{sorted(get_transformation(sdata.images[own], get_all=True))}, spots: {sorted(shapes_cs)}), so the "
+                "spots cannot be placed on the image. Add a transformation of both to one coordinate system "
+                "(spatialdata.transformations.set_transformation)."
+            )
+            raise ValueError(msg)
         if image_key is None and sdata.images:
             msg_cs = {k: sorted(get_transformation(img, get_all=True)) for k, img in sdata.images.items()}
             logger.info("spots %r share no coordinate system with any image %s: no tiles (count-only)", region, msg_cs)
@@ -128,6 +140,18 @@ def spot_tiles(
     ``y0``, ``size`` (pixels of that level), ``inside`` (fraction of the tile within the image),
     ``tile_size_um`` and ``tile_size_px``. Spots of count-only sections (no image) get no tile.
 
+    Raises
+    ------
+    ValueError
+        Duplicated spot names in the table; an image that is not 8-bit RGB(A); spots sharing no coordinate system
+        with their section's image (``"{section}_he"``); every spot of an element outside its image.
+
+    Warns
+    -----
+    UserWarning
+        RGBA images (the 4th channel is dropped); spots whose nearest-neighbour spacing in µm is far from any
+        spot-based technology's (a pixel size off by about 10x); tiles leaving the image (padded with white).
+
     Examples
     --------
     >>> sdata = ct.datasets.her2st(sections=["C2"])
@@ -154,6 +178,8 @@ def spot_tiles(
 
     regions, region_key, instance_key = table_regions(sdata, table_key)
     table = sdata.tables[table_key]
+    check_names(table, element=f"Table {table_key!r}", genes=False)
+    checked_images: set[str] = set()
     frames, transforms, no_image = [], {}, []
     n_partial = n_outside = 0
     for region in regions:
@@ -173,13 +199,10 @@ def spot_tiles(
             )
             raise ValueError(msg)
         image = sdata.images[img_key]
+        if img_key not in checked_images:
+            check_image_pixels(image, key=img_key)
+            checked_images.add(img_key)
         levels = image_levels(image, cs, um_per_unit)
-        if levels[0].data.shape[0] not in (3, 4):
-            msg = (
-                f"Image {img_key!r} has {levels[0].data.shape[0]} channel(s); comtip tiles RGB H&E images "
-                "(3 channels, or RGBA whose alpha is dropped). Convert the image to RGB."
-            )
-            raise ValueError(msg)
         level = choose_level(levels, target) if target > 0 else levels[0]
         size = round(tile_size_um / level.mpp)
         if size < 1:
@@ -189,6 +212,13 @@ def spot_tiles(
         xy_shapes = _centres(shapes)
         to_cs = affine_matrix(get_transformation(shapes, cs))
         xy_cs = (to_cs @ np.column_stack([xy_shapes, np.ones(len(xy_shapes))]).T).T
+        if not np.isfinite(xy_cs[:, :2]).all():
+            msg = (
+                f"Spots {region!r} have {int((~np.isfinite(xy_cs[:, :2]).all(axis=1)).sum())} centres that are not "
+                "finite numbers (NaN or empty geometries); fix or drop them in sdata.shapes first."
+            )
+            raise ValueError(msg)
+        check_spot_spacing(nearest_neighbour_spacing(xy_cs[:, :2]) * um_per_unit, region=region, cs=cs, mpp=mpp)
         xy_px = (np.linalg.inv(level.to_cs) @ xy_cs.T).T[:, :2]
         cx, cy = np.floor(xy_px[:, 0]).astype(np.int64), np.floor(xy_px[:, 1]).astype(np.int64)
         x0, y0 = cx - size // 2, cy - size // 2
@@ -243,14 +273,15 @@ def spot_tiles(
     gdf = gpd.GeoDataFrame(df, geometry=geometry)
     gdf["obs_name"] = gdf["obs_name"].astype(str)
     tfs = {cs: Affine(m, input_axes=("x", "y"), output_axes=("x", "y")) for cs, m in transforms.items()}
-    sdata.shapes[key_added] = ShapesModel.parse(gdf, transformations=tfs)
-    if n_partial or n_outside:
+    parsed = ShapesModel.parse(gdf, transformations=tfs)
+    if n_partial or n_outside:  # before writing: with warnings as errors, nothing is half-written
         warnings.warn(
             f"{n_partial + n_outside} of {len(df)} spot tiles leave the image ({n_outside} entirely); the missing part is "
             "padded with white. Column 'inside' of the tiles gives the fraction within the image.",
             UserWarning,
             stacklevel=2,
         )
+    sdata.shapes[key_added] = parsed
     if no_image:
         logger.info("no tiles for %s: no image shares their coordinate system (count-only)", no_image)
     logger.info("added %d tiles as sdata.shapes[%r]", len(df), key_added)

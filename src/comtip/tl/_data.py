@@ -48,10 +48,14 @@ def resolve_spots(data, *, table_key: str, tiles_key: str, model=None, need_tile
     """
     from anndata import AnnData
 
+    from .._checks import check_has_spots, check_names
+
     if is_spatialdata(data):
         from .._spatial import get_table
 
         table = get_table(data, table_key)
+        check_names(table, element=f"Table {table_key!r}")
+        check_has_spots(table, element=f"Table {table_key!r}")
         if need_tiles and tiles_key not in data.shapes:
             msg = f"No tiles {tiles_key!r} in the SpatialData object: run ct.pp.spot_tiles(sdata) first (112 µm tiles at 224 px)."
             raise KeyError(msg)
@@ -59,6 +63,8 @@ def resolve_spots(data, *, table_key: str, tiles_key: str, model=None, need_tile
             _check_tiles_match(data, table, tiles_key, model)
         return Spots(data, table, table.obs_names.to_numpy(dtype=object), tiles_key)
     if isinstance(data, AnnData):
+        check_names(data, element="The AnnData")
+        check_has_spots(data, element="The AnnData")
         if "spatial" not in data.uns:
             msg = (
                 "This AnnData has no uns['spatial'] (scanpy's Visium layout with the H&E image and scale factors), so "
@@ -72,6 +78,8 @@ def resolve_spots(data, *, table_key: str, tiles_key: str, model=None, need_tile
         if need_tiles:
             um, px = _model_tiles(model)
             spot_tiles(sdata, tile_size_um=um, tile_size_px=px, key_added=tiles_key)
+            if model is not None:
+                check_tile_resolution(model, sdata.shapes[tiles_key], tiles_key=tiles_key)
         t = sdata.tables[table_key if table_key in sdata.tables else C.TABLE_KEY]
         by_spot = dict(zip(t.obs["spot"].astype(str), t.obs_names, strict=True))
         rows = np.array([by_spot.get(str(o)) for o in data.obs_names], dtype=object)
@@ -87,13 +95,122 @@ def _model_tiles(model) -> tuple[float, int]:
     return float(s.get("tile_size_um", C.TILE_SIZE_UM)), int(s.get("tile_size_px", model.config.image_size))
 
 
+def patch_size(model) -> int | None:
+    """Side in pixels of one input patch of the model's image tower (ViTs), ``None`` for towers without patches."""
+    pe = getattr(model.image.backbone, "patch_embed", None)
+    p = getattr(pe, "patch_size", None)
+    if p is None:
+        return None
+    return int(max(p)) if isinstance(p, tuple | list) else int(p)
+
+
+def check_tile_resolution(model, tiles, *, tiles_key: str) -> None:
+    """Refuse tiles that hold fewer pixels than one patch of the model's image tower (a ViT).
+
+    A tile's resolution is the smaller of its stored size (``tile_size_px``) and its native size at the pyramid
+    level it is read from (``size``): below one patch, every patch of the tower would see less than a pixel of
+    the tile (it is only upsampled to the model's ``image_size``).
+
+    Parameters
+    ----------
+    model
+        A :class:`comtip.CoMTIP`.
+    tiles
+        The tiles table (``sdata.shapes[tiles_key]``).
+    tiles_key
+        Its name, for messages.
+    """
+    patch = patch_size(model)
+    if patch is None or not len(tiles):
+        return
+    px = int(tiles["tile_size_px"].min())
+    native = int(tiles["size"].min())
+    if min(px, native) >= patch:
+        return
+    um = float(tiles["tile_size_um"].iloc[0])
+    if px < patch:
+        fix = (
+            f"recompute them at the model's size: ct.pp.spot_tiles(sdata, tile_size_um={um:g}, "
+            f"tile_size_px={model.config.image_size}, key_added={tiles_key!r}, overwrite=True)"
+        )
+    else:
+        fix = (
+            "use a larger tile_size_um or a finer pyramid level (target_mpp=) in ct.pp.spot_tiles(..., "
+            f"key_added={tiles_key!r}, overwrite=True)"
+        )
+    msg = (
+        f"Tiles {tiles_key!r} hold {min(px, native)} px per side (tile_size_px={px}, {native} px read from the "
+        f"image), fewer than one {patch} px patch of the model's image encoder {model.config.image_encoder!r} "
+        f"({model.config.image_size} px input): {fix}."
+    )
+    raise ValueError(msg)
+
+
 def _check_tiles_match(sdata, table, tiles_key: str, model) -> None:
     if model is None:
         return
     tiles = sdata.shapes[tiles_key]
+    check_tile_resolution(model, tiles, tiles_key=tiles_key)
     um, _ = _model_tiles(model)
     got = float(tiles["tile_size_um"].iloc[0]) if len(tiles) else um
     if abs(got - um) > 1e-6 * um:
         logger.warning(
             "tiles are %.0f µm but the model was trained on %.0f µm tiles: its embeddings may be off", got, um
+        )
+
+
+def check_training_data(
+    table,
+    *,
+    table_key: str,
+    layer: str | None,
+    train_obs: list[str],
+    val_obs: list[str],
+    train_sections: list[str],
+    val_sections: list[str],
+) -> None:
+    """Refuse data that :func:`comtip.tl.pretrain` cannot learn from, before any work (names, genes, counts, spots).
+
+    Parameters
+    ----------
+    table
+        The spots' table.
+    table_key
+        Its name, for messages.
+    layer
+        The raw-count layer pretrain was given.
+    train_obs, val_obs
+        Training and validation spots (with tiles).
+    train_sections, val_sections
+        Their sections, for messages.
+    """
+    import warnings
+
+    from .._checks import check_expression, check_has_spots, check_names
+
+    element = f"Table {table_key!r}"
+    check_names(table, element=element)
+    check_has_spots(table, element=element)
+    if table.n_vars == 0:
+        msg = (
+            f"{element} has no genes (0 columns), e.g. image-only spots from ct.pp.grid_spots: pretraining needs the "
+            "spots' expression. Pretrain on spatial transcriptomics data; image-only slides can then be embedded "
+            "and predicted with the trained model."
+        )
+        raise ValueError(msg)
+    check_expression(table, layer=layer, element=element)
+    if len(train_obs) < 2:
+        msg = (
+            f"Only {len(train_obs)} training spot with a tile (sections {train_sections}): contrastive pretraining "
+            "compares the spots of a batch with each other and needs at least 2. Train on more spots or sections"
+            f"{' (or use the validation sections ' + str(val_sections) + ' for training: validation=None)' if val_sections else ''}."
+        )
+        raise ValueError(msg)
+    if 0 < len(val_obs) < 3:
+        warnings.warn(
+            f"The validation sections {val_sections} have only {len(val_obs)} spot(s) with a tile, too few for "
+            "validation metrics (Recall@5, correlations): the best epoch is chosen on noise. Pass validation= with a "
+            "larger section, or validation=None.",
+            UserWarning,
+            stacklevel=3,
         )

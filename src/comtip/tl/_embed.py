@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .. import _constants as C
+from .._checks import check_expression
 from .._logging import logger
 from .._settings import settings
 from ._data import resolve_spots
@@ -28,8 +31,8 @@ def image_embeddings(
     from ..model._inference import embed_images
 
     ds = SpotDataset(spots.sdata, genes=None, tiles_key=spots.tiles_key, obs_names=obs_names)
-    # read in image order, so that each image chunk is decoded once
-    order = np.lexsort((ds.reader.tiles["y0"].to_numpy(), ds.reader.tiles["image"].to_numpy()))
+    # read in strips of image chunks: each chunk is decoded about once, with a cache that does not grow with the slide
+    order = ds.reader.read_order()
     from torch.utils.data import Subset
 
     loader = make_loader(Subset(ds, order), batch_size=batch_size, num_workers=num_workers)
@@ -93,6 +96,17 @@ def embed(
     spots without any panel gene). Parameters and the model's name, version and weights checksum go to
     ``.uns['comtip']['embed']``.
 
+    Raises
+    ------
+    ValueError
+        Duplicated spot or gene names, an empty table, NaN or negative counts (checked before the image tower
+        runs), tiles smaller than one patch of a ViT tower, images that are not 8-bit RGB(A). Nothing is written.
+
+    Warns
+    -----
+    UserWarning
+        None of the model's panel genes is measured (only the image embeddings are written).
+
     Examples
     --------
     >>> ct.tl.embed(sdata)
@@ -113,6 +127,22 @@ def embed(
     if len(pos) == 0:
         msg = f"None of the {adata.n_obs} spots has a tile in {tiles_key!r}; run ct.pp.spot_tiles on the images of these spots."
         raise ValueError(msg)
+    measured = [g for g in model.genes if g in set(adata.var_names)]
+    gene_table_key = table_key if table_key in spots.sdata.tables else C.TABLE_KEY
+    if measured:
+        # before the image tower runs: bad counts fail fast and nothing is written
+        check_expression(spots.sdata.tables[gene_table_key], layer=layer, element=f"Table {gene_table_key!r}")
+    elif adata.n_vars == 0:
+        logger.info("image-only spots (no genes): only image embeddings are written")
+    else:
+        warnings.warn(
+            f"None of the model's {model.n_genes} panel genes (e.g. {model.genes[:3]}) is among the {adata.n_vars} "
+            f"genes of these spots (e.g. {list(adata.var_names[:3])}), so only image embeddings are written "
+            f"(.obsm[{keys[0]!r}]). Check that var_names are gene symbols like the model's (comtip's readers "
+            "harmonise them), or use a model trained on these genes.",
+            UserWarning,
+            stacklevel=2,
+        )
     img = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
     img[pos] = image_embeddings(
         model,
@@ -126,13 +156,12 @@ def embed(
     )["image"]
 
     results = {keys[0]: img}
-    measured = [g for g in model.genes if g in set(adata.var_names)]
-    if measured and adata.n_vars:
+    if measured:
         rows = [r for r in spots.rows if r is not None]
         ds = SpotDataset(
             spots.sdata,
             genes=model.genes,
-            table_key=table_key if table_key in spots.sdata.tables else C.TABLE_KEY,
+            table_key=gene_table_key,
             tiles_key=None,
             obs_names=rows,
             sentence_length=model.config.sentence_length,
@@ -145,8 +174,6 @@ def embed(
         gene[valid] = np.where(has_genes[:, None], emb, np.nan)
         results[keys[1]] = gene
         logger.info("gene sentences over %d of the model's %d panel genes", len(measured), model.n_genes)
-    else:
-        logger.warning("no gene of the model's panel is measured here: only image embeddings are written")
     for k, v in results.items():
         adata.obsm[k] = v
     record(

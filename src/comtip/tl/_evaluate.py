@@ -37,7 +37,7 @@ def _imagenet_features(spots: Spots, names: list[str], *, batch_size: int, devic
     from ..model._inference import ImageNetEncoder, encode_batches
 
     ds = SpotDataset(spots.sdata, genes=None, tiles_key=spots.tiles_key, obs_names=names)
-    order = np.lexsort((ds.reader.tiles["y0"].to_numpy(), ds.reader.tiles["image"].to_numpy()))
+    order = ds.reader.read_order()
     loader = make_loader(Subset(ds, order), batch_size=batch_size)
     feats = encode_batches(
         ImageNetEncoder(), progress(loader, desc="ImageNet features", total=len(loader)), device=device

@@ -145,6 +145,7 @@ def pretrain(
     from ..model import CoMTIP, CoMTIPConfig
     from ..pp import eval_panels, gene_panel, gene_text_embeddings, log_normalized, value_levels
     from ..train import PrefixFeatureDataset, fit, prefix_is_frozen
+    from ._data import check_tile_resolution, check_training_data
 
     t_start = time.perf_counter()
     config = config or CoMTIPConfig.cpu()
@@ -164,6 +165,15 @@ def pretrain(
     has_tile = np.isin(table.obs_names.to_numpy(), list(tile_obs))
     train_obs = list(table.obs_names[np.isin(sec, train_secs) & has_tile])
     val_obs = list(table.obs_names[np.isin(sec, val_secs) & has_tile])
+    check_training_data(
+        table,
+        table_key=table_key,
+        layer=layer,
+        train_obs=train_obs,
+        val_obs=val_obs,
+        train_sections=train_secs,
+        val_sections=val_secs,
+    )
     if len(train_obs) < 2 * batch_size:
         logger.warning("only %d training spots for batch_size=%d: consider a smaller batch", len(train_obs), batch_size)
     logger.info(
@@ -184,6 +194,7 @@ def pretrain(
     panels = eval_panels(train_table, layer=layer)
     torch.manual_seed(seed)
     model = CoMTIP(config, panel, text, levels)
+    check_tile_resolution(model, tiles, tiles_key=tiles_key)
 
     tile_size_um = float(tiles["tile_size_um"].iloc[0])
     tile_size_px = int(tiles["tile_size_px"].iloc[0])

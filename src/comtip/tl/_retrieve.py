@@ -51,7 +51,8 @@ def retrieve(
     -------
     DataFrame with, per spot, its neighbours (``neighbor_1`` …, obs names), their similarities and ``hit`` (whether
     the spot found itself). Sets ``.obsm[key_added]`` (n_obs x k positions, -1 for spots without both embeddings)
-    and ``.uns['comtip']['retrieve']`` with ``recall_at_k`` and ``chance``.
+    and ``.uns['comtip']['retrieve']`` with ``recall_at_k``, ``chance`` and the model that made the embeddings
+    (``model``, ``comtip_version``, ``weights_sha256``, copied from ``.uns['comtip']['embed']``).
 
     Examples
     --------
@@ -96,10 +97,21 @@ def retrieve(
         df[f"similarity_{j + 1}"] = np.take_along_axis(sim, top[:, j : j + 1], 1).ravel()
     df["hit"] = hit
     recall = float(hit.mean())
+    # the embeddings' provenance: which model wrote them
+    made_by = adata.uns.get(C.UNS_KEY, {}).get("embed", {})
+    provenance = {k: made_by[k] for k in ("model", "comtip_version", "weights_sha256") if k in made_by}
     record(
         adata,
         "retrieve",
-        {"query": query, "k": k_eff, "recall_at_k": recall, "chance": k_eff / len(ok), "n_spots": len(ok)},
+        {
+            "query": query,
+            "k": k_eff,
+            "recall_at_k": recall,
+            "chance": k_eff / len(ok),
+            "n_spots": len(ok),
+            "use_rep": use_rep,
+            **provenance,
+        },
     )
     logger.info(
         "Recall@%d (%s -> %s) = %.3f (chance %.3f)",

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _constants as C
+from .._checks import check_expression, check_names
 from .._logging import logger
 from .._metrics import pearson_depth_adjusted, pearson_per_gene, spearman_per_gene
 from ._utils import check_free, record, resolve_table
@@ -58,7 +59,16 @@ def score_expression(
     DataFrame indexed by gene with ``pearson``, ``spearman``, ``pearson_adj`` and one boolean column per panel.
     Sets ``.var['{key_added}_pearson']``, ``.var['{key_added}_spearman']``, ``.var['{key_added}_pearson_adj']``
     (NaN for genes not scored) and ``.uns['comtip']['score_expression']`` with the mean of each over every panel
-    and over all scored genes.
+    and over all scored genes, and the model that made the predictions (``model``, ``comtip_version``,
+    ``weights_sha256``, copied from ``.uns['comtip']['predict_expression']``).
+
+    Raises
+    ------
+    KeyError
+        No ``.layers[pred_layer]`` (predictions of unmeasured genes live in ``.obsm`` and cannot be scored).
+    ValueError
+        Duplicated spot or gene names, no measured expression (image-only data), NaN or negative counts, fewer
+        than 3 spots with predictions. Nothing is written.
 
     Examples
     --------
@@ -68,9 +78,28 @@ def score_expression(
     from ..pp._expression import log_depth, log_normalized
 
     adata = resolve_table(data, table_key)
+    element = "The AnnData" if adata is data else f"Table {table_key!r}"
+    check_names(adata, element=element)
     if pred_layer not in adata.layers:
-        msg = f"No predictions in .layers[{pred_layer!r}]; run ct.tl.predict_expression first (or pass pred_layer=)."
+        if pred_layer in adata.obsm:
+            msg = (
+                f"No predictions in .layers[{pred_layer!r}], only in .obsm[{pred_layer!r}]: none of the predicted genes "
+                f"is among the measured genes (var_names, e.g. {list(adata.var_names[:3])}), so there is nothing to "
+                "score against. Predict measured genes (ct.tl.predict_expression(data, genes=[...])) and check that "
+                "var_names are gene symbols like the model's."
+            )
+        else:
+            msg = (
+                f"No predictions in .layers[{pred_layer!r}]; run ct.tl.predict_expression first (or pass pred_layer=)."
+            )
         raise KeyError(msg)
+    if adata.X is None and layer is None and C.COUNTS_LAYER not in adata.layers:
+        msg = (
+            f"{element} has no measured expression (X is empty: image-only data whose genes are the predicted ones), "
+            "so predictions cannot be scored. Score on data with measured counts, or pass layer= with them."
+        )
+        raise ValueError(msg)
+    check_expression(adata, layer=layer, element=element)
     cols = [f"{key_added}_pearson", f"{key_added}_spearman", f"{key_added}_pearson_adj"]
     check_free(adata.var, cols, where=".var", overwrite=overwrite)
     pred_all = np.asarray(
@@ -98,7 +127,10 @@ def score_expression(
     pred = pred_all[:, gi]
     spots = ~np.isnan(pred).any(axis=1)
     if spots.sum() < 3:
-        msg = f"Only {int(spots.sum())} spots have predictions for all scored genes; need at least 3."
+        msg = (
+            f"Only {int(spots.sum())} spots have predictions for all scored genes; correlations need at least 3. "
+            "Score a section with more spots (or several sections together)."
+        )
         raise ValueError(msg)
     names = adata.var_names[gi]
     true = log_normalized(adata[spots], layer=layer, genes=names).toarray().astype(np.float64)
@@ -147,6 +179,9 @@ def score_expression(
         v = np.full(adata.n_vars, np.nan)
         v[gi] = df[src].to_numpy()
         adata.var[col] = v
-    record(adata, "score_expression", {"pred_layer": pred_layer, "layer": layer, **summary})
+    # the predictions' provenance: which model wrote them
+    made_by = adata.uns.get(C.UNS_KEY, {}).get("predict_expression", {})
+    provenance = {k: made_by[k] for k in ("model", "comtip_version", "weights_sha256") if k in made_by}
+    record(adata, "score_expression", {"pred_layer": pred_layer, "layer": layer, **summary, **provenance})
     logger.info("scores of %d genes in .var[%s], summary in .uns['comtip']['score_expression']", len(gi), cols)
     return df

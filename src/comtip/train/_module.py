@@ -201,7 +201,7 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
         groups = self.model.optimizer_param_groups(
             lr=self.lr, weight_decay=self.weight_decay, image_tower_lr_scale=self.image_tower_lr_scale
         )
-        opt = torch.optim.AdamW(groups, lr=self.lr)
+        opt = torch.optim.AdamW(groups, lr=self.lr, foreach=True)
         warm = max(1, int(self.warmup_fraction * self.total_steps))
         total = self.total_steps
 
