@@ -18,6 +18,7 @@ def _pretrain(sdata, seed: int) -> ct.CoMTIP:
         config=ct.CoMTIPConfig.tiny(),
         validation=None,
         max_epochs=1,
+        readout_epochs=1,
         batch_size=16,
         n_genes=30,
         accelerator="cpu",

@@ -27,7 +27,13 @@ def test_no_current_model_error(test_sdata):
 def test_pretrain_sets_current_model_and_history(trained):
     model, _ = trained
     assert model.is_trained
-    assert [h["epoch"] for h in model.history] == [0, 1]
+    assert [(h["stage"], h["epoch"]) for h in model.history] == [
+        ("contrastive", 0),
+        ("contrastive", 1),
+        ("readout", 0),
+        ("readout", 1),
+    ]
+    assert model.training_summary["readout_epochs"] == 2
     s = model.training_summary
     assert s["sections"] == ["S1", "S2"]
     assert s["validation_sections"] == ["S3"]

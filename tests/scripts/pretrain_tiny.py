@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--readout-epochs", type=int, default=1)
     args = p.parse_args()
 
     import torch
@@ -39,6 +40,7 @@ def main() -> None:
         config=ct.CoMTIPConfig.tiny(),
         validation=None,
         max_epochs=args.epochs,
+        readout_epochs=args.readout_epochs,
         batch_size=args.batch_size,
         n_genes=30,
         accelerator="cpu",
@@ -50,7 +52,7 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = model.training_summary["stages"][-1]
+    stage = next(s for s in model.training_summary["stages"] if s["stage"] == "contrastive")
     info = {
         "rank": rank,
         "checksum": model.weights_checksum(),

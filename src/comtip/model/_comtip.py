@@ -596,6 +596,28 @@ class CoMTIP(nn.Module):
             return pred.sum() * 0.0
         return F.mse_loss(pred[hidden], val[hidden])
 
+    def readout_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The value-level prompt loss alone, on pooled image features: the read-out stage of training.
+
+        With the image tower fixed, its pooled features can be computed once (per tile and dihedral transform);
+        this trains the zero-shot read-out — gene encoder, prompt heads and read-out temperatures — on them.
+
+        Parameters
+        ----------
+        batch
+            ``"pooled"`` (B, C) pooled tower features (:meth:`image_features`) and ``"expr"`` (B, G).
+
+        Returns
+        -------
+        ``{"loss": prompt, "prompt": prompt}``.
+        """
+        if not self.config.uses_prompt:
+            msg = "The read-out stage trains the prompt loss: it needs a model with prompt_weight > 0."
+            raise ValueError(msg)
+        self._check_batch(batch, ["pooled", "expr"])
+        prompt = self._prompt_loss(batch["pooled"], batch["expr"])
+        return {"loss": prompt, "prompt": prompt}
+
     def masked_value_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Masked value modeling for gene-side pretraining (count-only spots, no image).
 

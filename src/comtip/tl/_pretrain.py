@@ -57,6 +57,8 @@ def pretrain(
     weight_decay: float = 0.05,
     image_tower_lr_scale: float = 0.1,
     gene_pretrain_epochs: int = 0,
+    readout_epochs: int = 30,
+    readout_lr: float | None = 1e-3,
     early_stopping_patience: int | None = None,
     cache_image_features: bool | Literal["auto"] = "auto",
     accelerator: str = "auto",
@@ -103,6 +105,12 @@ def pretrain(
         Spots per batch (per device).
     lr, weight_decay, image_tower_lr_scale
         AdamW learning rate, weight decay, and the factor on the learning rate of the pretrained image tower.
+    readout_epochs
+        Epochs of the read-out stage after the contrastive stage: with the image tower fixed, the zero-shot
+        read-out (gene encoder, prompt heads, read-out temperatures) trains on the prompt loss alone, on pooled image
+        features computed once per tile and dihedral transform (0 = no read-out stage).
+    readout_lr
+        Learning rate of the read-out stage (default ``lr``).
     gene_pretrain_epochs
         Epochs of masked value modeling on the count-only spots before the contrastive stage (0 = none).
     early_stopping_patience
@@ -144,7 +152,7 @@ def pretrain(
     from ..data import SpotDataset
     from ..model import CoMTIP, CoMTIPConfig
     from ..pp import eval_panels, gene_panel, gene_text_embeddings, log_normalized, value_levels
-    from ..train import PrefixFeatureDataset, fit, prefix_is_frozen
+    from ..train import PooledFeatureDataset, PrefixFeatureDataset, fit, prefix_is_frozen
     from ._data import check_tile_resolution, check_training_data
 
     t_start = time.perf_counter()
@@ -203,6 +211,19 @@ def pretrain(
     sentence_length = config.sentence_length
     summary_stages = []
 
+    common = {
+        "weight_decay": weight_decay,
+        "accelerator": accelerator,
+        "devices": devices,
+        "num_nodes": num_nodes,
+        "strategy": strategy,
+        "precision": precision,
+        "checkpoint_dir": checkpoint_dir,
+        "resume": resume,
+        "seed": seed,
+        "num_workers": num_workers,
+        "show_progress_bar": show,
+    }
     # optional gene-side pretraining on count-only spots
     if gene_pretrain_epochs:
         count_obs = list(table.obs_names[np.isin(sec, count_secs)]) + train_obs
@@ -215,29 +236,18 @@ def pretrain(
             sentence_length=sentence_length,
             layer=layer,
         )
-        summary_stages.append(
-            fit(
-                model,
-                genes_ds,
-                None,
-                stage="genes",
-                max_epochs=gene_pretrain_epochs,
-                batch_size=max(batch_size, 64),
-                lr=lr,
-                weight_decay=weight_decay,
-                accelerator=accelerator,
-                devices=devices,
-                num_nodes=num_nodes,
-                strategy=strategy,
-                precision=precision,
-                checkpoint_dir=checkpoint_dir,
-                resume=resume,
-                seed=seed,
-                num_workers=num_workers,
-                show_progress_bar=show,
-                monitor=None,
-            )
+        stage = fit(
+            model,
+            genes_ds,
+            None,
+            stage="genes",
+            max_epochs=gene_pretrain_epochs,
+            batch_size=max(batch_size, 64),
+            lr=lr,
+            monitor=None,
+            **common,
         )
+        summary_stages.append(stage)
 
     train_ds = SpotDataset(
         sdata,
@@ -279,6 +289,7 @@ def pretrain(
         .cpu()
         .numpy()
     )
+    readout = readout_epochs > 0 and config.uses_prompt
     summary_stages.append(
         fit(
             model,
@@ -288,22 +299,33 @@ def pretrain(
             max_epochs=max_epochs,
             batch_size=batch_size,
             lr=lr,
-            weight_decay=weight_decay,
             image_tower_lr_scale=image_tower_lr_scale,
-            accelerator=accelerator,
-            devices=devices,
-            num_nodes=num_nodes,
-            strategy=strategy,
-            precision=precision,
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
-            seed=seed,
-            num_workers=num_workers,
-            show_progress_bar=show,
             val_genes=val_genes,
+            # with a read-out stage to follow, this stage is judged by the alignment of the two modalities
+            monitor="val/recall5" if readout else "val/pcc_adj",
             early_stopping_patience=early_stopping_patience,
+            **common,
         )
     )
+    if readout:
+        # the read-out stage: the tower is fixed now, so its pooled features are computed once per tile and
+        # dihedral transform, and the zero-shot read-out (prompt loss alone) trains on them
+        ro_train = PooledFeatureDataset(train_ds, model, augment=True, seed=seed)
+        ro_val = PooledFeatureDataset(val_ds, model, augment=False, seed=seed) if val_ds is not None else None
+        summary_stages.append(
+            fit(
+                model,
+                ro_train,
+                ro_val,
+                stage="readout",
+                max_epochs=readout_epochs,
+                batch_size=batch_size,
+                lr=readout_lr or lr,
+                val_genes=val_genes,
+                monitor="val/pcc_adj",
+                **common,
+            )
+        )
     model.eval()
     _store_reference(model, train_ds, sdata, tiles_key=tiles_key, obs_names=train_obs, table_key=table_key)
     model.training_summary.update(
@@ -317,6 +339,7 @@ def pretrain(
             "tile_size_px": tile_size_px,
             "text_model": text_model,
             "epochs": sum(s["epochs"] for s in summary_stages if s["stage"] == "contrastive"),
+            "readout_epochs": sum(s["epochs"] for s in summary_stages if s["stage"] == "readout"),
             "steps": sum(s["steps"] for s in summary_stages),
             "stages": summary_stages,
             "eval_panels": {"hvg50": panels["hvg50"], "heg250": panels["heg250"]},

@@ -160,3 +160,91 @@ class PrefixFeatureDataset:
 def prefix_is_frozen(model) -> bool:
     """Whether the image tower has a frozen prefix whose output can be cached."""
     return len(model.image.prefix_units) > 0
+
+
+class PooledFeatureDataset:
+    """Samples whose image is replaced by the pooled features of the (now fixed) image tower, for the read-out stage.
+
+    The pooled features are computed once per tile and dihedral transform — from cached prefix features when
+    ``dataset`` is a :class:`PrefixFeatureDataset`, else from the tiles — and served as ``batch['pooled']``.
+
+    Parameters
+    ----------
+    dataset
+        A :class:`comtip.data.SpotDataset` or a :class:`PrefixFeatureDataset`.
+    model
+        The CoMTIP model whose tower gives the features.
+    augment
+        Pick one of the 8 dihedral variants per sample and epoch (else the identity).
+    """
+
+    def __init__(self, dataset, model, *, augment: bool, batch_size: int = 128, device=None, seed: int = 0) -> None:
+        import torch
+
+        from .._progress import progress
+        from ..data import dihedral
+
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        device = device or "cpu"
+        tower = model.image
+        was_training = tower.training
+        tower.eval()
+        n_variants = 8 if augment else 1
+        out = None
+        try:
+            with torch.inference_mode():
+                if isinstance(dataset, PrefixFeatureDataset):
+                    self.dataset = dataset.dataset
+                    feats = dataset.features[:, :n_variants]
+                    n, v = feats.shape[:2]
+                    pooled = []
+                    for start in progress(range(0, n, batch_size), desc="pooled image features"):
+                        f = feats[start : start + batch_size].to(device)
+                        pooled.append(
+                            tower.forward_suffix(f.reshape(-1, *f.shape[2:]))[1].float().cpu().view(len(f), v, -1)
+                        )
+                    out = torch.cat(pooled)
+                else:
+                    self.dataset = dataset
+                    saved = dataset.augment
+                    dataset.augment = False
+                    try:
+                        for start in progress(range(0, len(dataset), batch_size), desc="pooled image features"):
+                            idx = np.arange(start, min(start + batch_size, len(dataset)))
+                            img = dataset.images(idx).to(device)
+                            f = torch.stack(
+                                [tower(dihedral(img, k))[1].float().cpu() for k in range(n_variants)], dim=1
+                            )
+                            out = f if out is None else torch.cat([out, f])
+                    finally:
+                        dataset.augment = saved
+        finally:
+            tower.train(was_training)
+        self.features = out
+        self.n_variants = n_variants
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitems__(self, indices):
+        idx = np.asarray(indices, dtype=np.int64)
+        saved = self.dataset.reader
+        self.dataset.reader = None
+        try:
+            samples = self.dataset.__getitems__(idx)
+        finally:
+            self.dataset.reader = saved
+        for s, i in zip(samples, idx, strict=True):
+            k = (
+                int(np.random.default_rng([self.seed, self.epoch, int(i)]).integers(self.n_variants))
+                if self.augment
+                else 0
+            )
+            s["pooled"] = self.features[int(i), k]
+        return samples
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]

@@ -36,6 +36,25 @@ def _atomic_checkpoint_class():
     return AtomicCheckpoint
 
 
+def _freeze_unused(model, module, train, batch_size: int) -> list:
+    """Parameters a stage does not train (no gradient on a trial batch) are frozen for it (DDP needs no unused ones).
+
+    Returns the parameters frozen here, to be unfrozen after the stage.
+    """
+    import torch
+    from torch.utils.data import default_collate
+
+    batch = default_collate(train.__getitems__(list(range(min(len(train), max(2, batch_size))))))
+    model.zero_grad(set_to_none=True)
+    with torch.random.fork_rng():
+        module._losses(batch)["loss"].backward()
+    frozen = [p for p in model.parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
 def default_precision(accelerator: str) -> str:
     """bf16 mixed precision on GPUs that support it, fp16 mixed on other GPUs, fp32 on CPU."""
     import torch
@@ -64,7 +83,7 @@ def fit(
     train,
     val=None,
     *,
-    stage: Literal["contrastive", "genes"] = "contrastive",
+    stage: Literal["contrastive", "genes", "readout"] = "contrastive",
     max_epochs: int = 20,
     batch_size: int = 32,
     lr: float = 1e-4,
@@ -120,7 +139,7 @@ def fit(
     else:
         ckpt_dir = Path(checkpoint_dir).expanduser()
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    has_val = val is not None and len(val) > 0 and stage == "contrastive"
+    has_val = val is not None and len(val) > 0 and stage in ("contrastive", "readout")
     if not has_val or (monitor == "val/pcc_adj" and val_genes is None):
         monitor = "val/recall5" if has_val else None
     callbacks: list = [
@@ -169,9 +188,12 @@ def fit(
     if ckpt_path:
         logger.warning("resuming %s training from %s", stage, ckpt_path)
     t0 = time.perf_counter()
+    frozen = _freeze_unused(model, module, train, batch_size) if stage in ("genes", "readout") else []
     try:
         trainer.fit(module, ckpt_path=ckpt_path)
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         if tmp is not None:
             tmp.cleanup()
     wall = time.perf_counter() - t0

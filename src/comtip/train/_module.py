@@ -81,7 +81,8 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
     model
         The :class:`comtip.CoMTIP` to train (updated in place).
     stage
-        ``"contrastive"`` (all losses of the config) or ``"genes"`` (masked value modeling on gene sentences only).
+        ``"contrastive"`` (all losses of the config), ``"genes"`` (masked value modeling on gene sentences only) or
+        ``"readout"`` (the prompt loss alone on cached pooled image features: the zero-shot read-out).
     lr, weight_decay, image_tower_lr_scale
         Optimiser settings (see :meth:`comtip.CoMTIP.optimizer_param_groups`).
     warmup_fraction
@@ -117,7 +118,11 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def _losses(self, batch: dict) -> dict:
-        return self.model.masked_value_losses(batch) if self.stage == "genes" else self.model.training_losses(batch)
+        if self.stage == "genes":
+            return self.model.masked_value_losses(batch)
+        if self.stage == "readout":
+            return self.model.readout_losses(batch)
+        return self.model.training_losses(batch)
 
     def training_step(self, batch: dict, batch_idx: int):
         parts = self._losses(batch)
@@ -162,8 +167,11 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
         if self.stage == "genes":
             return
         m = self.model
-        feats = batch["image_prefix"] if "image_prefix" in batch else m.image.forward_prefix(batch["image"])
-        pooled = m.image.forward_suffix(feats)[1]
+        if "pooled" in batch:
+            pooled = batch["pooled"]
+        else:
+            feats = batch["image_prefix"] if "image_prefix" in batch else m.image.forward_prefix(batch["image"])
+            pooled = m.image.forward_suffix(feats)[1]
         import torch.nn.functional as F
 
         self._val["img"].append(F.normalize(m.image_proj(pooled), dim=-1).float().cpu())
