@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
         ct.pp.spot_tiles(test)
         if args.model:
             model = ct.tl.load_model(args.model)
-            t_train = 0.0
+            t_train = float(model.training_summary.get("wall_s", 0.0))  # as recorded by ct.tl.pretrain
             config = model.config.to_dict()
         else:
             config_obj = getattr(ct.CoMTIPConfig, args.config)(**overrides)
@@ -94,6 +94,7 @@ def main(argv=None) -> dict:
         "n_eval_spots": res["n_eval_spots"],
         "wall_s": round(t_all.s, 1),
         "train_s": round(t_train, 1),
+        "train_s_source": "model.training_summary (trained by another command)" if args.model else "this run",
         "peak_rss_mb": peak_rss_mb(),
         "machine": machine(),
         "config": config,

@@ -19,7 +19,7 @@ def demo_config():
     return CoMTIPConfig.cpu()
 
 
-DEMO_PRETRAIN = {"max_epochs": 15, "batch_size": 32}
+DEMO_PRETRAIN = {"max_epochs": 20, "batch_size": 32}
 
 
 def _say(msg: str) -> None:
@@ -117,8 +117,11 @@ def run_demo(
         "markers": {g: round(float(scores.loc[g, "pearson"]), 3) for g in markers},
         "n_train_spots": res["n_train_spots"],
         "n_eval_spots": res["n_eval_spots"],
-        "training": {k: model.training_summary.get(k) for k in ("sections", "validation_sections", "epochs", "steps")}
-        | {"best_epoch": model.training_summary["stages"][-1].get("best_epoch")},
+        "training": {
+            k: model.training_summary.get(k)
+            for k in ("sections", "validation_sections", "epochs", "readout_epochs", "steps", "wall_s")
+        }
+        | {"best_epoch": {s["stage"]: s.get("best_epoch") for s in model.training_summary["stages"]}},
         "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.perf_counter() - t0, 1)},
         "machine": {
             "cpus": os.cpu_count(),

@@ -96,6 +96,8 @@ def cmd_pretrain(args) -> None:
         max_epochs=args.max_epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        n_genes=args.n_genes,
+        readout_epochs=args.readout_epochs,
         validation=None if args.validation == ["none"] else ("auto" if args.validation is None else args.validation),
         gene_pretrain_epochs=args.gene_pretrain_epochs,
         accelerator=args.accelerator,
@@ -217,7 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-epochs", type=int, default=20)
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--lr", type=float, default=3e-4)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--n-genes", type=int, default=512, help="size of the model's gene panel")
+    s.add_argument(
+        "--readout-epochs",
+        type=int,
+        default=30,
+        help="epochs of the zero-shot read-out stage after the contrastive one",
+    )
     s.add_argument(
         "--validation",
         nargs="*",

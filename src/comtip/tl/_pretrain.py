@@ -49,11 +49,11 @@ def pretrain(
     tiles_key: str = C.TILES_KEY,
     layer: str | None = None,
     validation: str | Sequence[str] | Literal["auto"] | None = "auto",
-    n_genes: int = 2048,
+    n_genes: int = 512,
     text_model: str = "all-MiniLM-L6-v2",
     max_epochs: int = 20,
     batch_size: int = 32,
-    lr: float = 3e-4,
+    lr: float = 1e-3,
     weight_decay: float = 0.05,
     image_tower_lr_scale: float = 0.1,
     gene_pretrain_epochs: int = 0,
@@ -164,6 +164,15 @@ def pretrain(
         msg = f"No tiles {tiles_key!r}: run ct.pp.spot_tiles(sdata) (112 µm tiles at 224 px) before ct.tl.pretrain."
         raise KeyError(msg)
     tiles = sdata.shapes[tiles_key]
+    missing_image = ~tiles["image"].astype(str).isin(list(sdata.images))
+    if missing_image.any():
+        gone = sorted(set(tiles.loc[missing_image, "image"].astype(str)))
+        logger.warning(
+            "%d tiles refer to images that are not in the SpatialData object (%s): their spots are left out of training",
+            int(missing_image.sum()),
+            ", ".join(gone),
+        )
+        tiles = tiles[~missing_image]
     tile_obs = set(tiles["obs_name"].astype(str))
     if gene_pretrain_epochs and config.mvm_weight <= 0:
         msg = "gene_pretrain_epochs > 0 needs a model with a masked-value head: pass config=CoMTIPConfig.cpu(mvm_weight=0.1)."
