@@ -42,6 +42,27 @@ def test_pretrain_sets_current_model_and_history(trained):
     assert model.reference["expression"].shape == (72, model.n_genes)
 
 
+def test_readout_stage_leaves_sentence_embeddings_alone(trained, tmp_path):
+    """The read-out stage trains its own copy of the gene encoder: sentence embeddings are the contrastive stage's."""
+    import torch
+
+    model, train = trained
+    without = ct.tl.pretrain(
+        train, config=ct.CoMTIPConfig.tiny(), max_epochs=2, readout_epochs=0, batch_size=16, n_genes=30, seed=0
+    )
+    assert model.config.separate_prompt_encoder and not without.config.separate_prompt_encoder
+    idx = torch.arange(8).repeat(3, 1)
+    val = torch.rand(3, 8) * 3
+    with torch.no_grad():
+        assert torch.equal(model.eval().encode_genes(idx, val), without.eval().encode_genes(idx, val))
+        assert not torch.allclose(model.prompt_embeddings(), without.prompt_embeddings())
+    model.save(tmp_path / "m")
+    loaded = ct.CoMTIP.load(tmp_path / "m")
+    assert loaded.config.separate_prompt_encoder
+    assert torch.equal(loaded.prompt_embeddings(), model.prompt_embeddings())
+    ct.settings.model = model
+
+
 def test_embed_writes_documented_keys(model, test_sdata):
     keys = ct.tl.embed(test_sdata, model)
     table = test_sdata.tables["table"]

@@ -101,9 +101,9 @@ def run_demo(
     ranked = scores.loc[[g for g in hvg if g in scores.index]].sort_values("pearson", ascending=False)
     best = list(ranked.index[:3])
     markers = [g for g in MARKERS if g in scores.index and g not in best][:3]
-    ct.pl.predicted_vs_measured(test, best, save=figs / "predicted_vs_measured_best.png", show=False, ncols=3)
+    ct.pl.predicted_vs_measured(test, best, save=figs / "predicted_vs_measured_best.png", show=False, ncols=1)
     if markers:
-        ct.pl.predicted_vs_measured(test, markers, save=figs / "predicted_vs_measured_markers.png", show=False, ncols=3)
+        ct.pl.predicted_vs_measured(test, markers, save=figs / "predicted_vs_measured_markers.png", show=False, ncols=1)
     ct.pl.gene_scores(test, panel="hvg50", save=figs / "gene_scores_hvg50.png", show=False)
     ct.pl.training_curves(model, save=figs / "training_curves.png", show=False)
     ct.pl.embedding(test, save=figs / "embedding_umap.png", show=False)

@@ -216,6 +216,8 @@ class CoMTIP(nn.Module):
         d = config.embed_dim
         self.image_proj = ProjectionHead(feat, d, config.projection, config.projection_dropout)
         self.gene_encoder = GeneTextEncoder(config, len(genes), text)
+        if config.separate_prompt_encoder:
+            self.prompt_gene_encoder = GeneTextEncoder(config, len(genes), text)
         self.gene_proj = ProjectionHead(config.gene_dim, d, config.projection, config.projection_dropout)
         if config.has_separate_prompt_heads:
             self.image_prompt_proj = ProjectionHead(feat, d, config.projection, config.projection_dropout)
@@ -304,6 +306,25 @@ class CoMTIP(nn.Module):
     def _gene_prompt_head(self) -> ProjectionHead:
         return getattr(self, "gene_prompt_proj", self.gene_proj)
 
+    def _prompt_encoder(self) -> GeneTextEncoder:
+        return getattr(self, "prompt_gene_encoder", self.gene_encoder)
+
+    def split_prompt_encoder(self) -> None:
+        """Give the prompts their own copy of the gene encoder (``config.separate_prompt_encoder``), from now on.
+
+        Called by ``ct.tl.pretrain`` before its read-out stage: that stage then trains the copy, and the gene-sentence
+        embeddings (retrieval, :func:`comtip.tl.embed`) stay those of the contrastive stage.
+        """
+        if hasattr(self, "prompt_gene_encoder"):
+            return
+        import copy
+        import dataclasses
+
+        self.prompt_gene_encoder = copy.deepcopy(self.gene_encoder)
+        self.config = dataclasses.replace(self.config, separate_prompt_encoder=True)
+        self._state_counter += 1
+        self._prompt_cache = None
+
     # ================================================================== state / cache
     def train(self, mode: bool = True) -> CoMTIP:
         """Set training mode (invalidates the prompt-embedding cache)."""
@@ -318,14 +339,14 @@ class CoMTIP(nn.Module):
 
     def _cache_key(self) -> tuple:
         tensors = [
-            *self.gene_encoder.parameters(),
-            *self.gene_encoder.buffers(),
+            *self._prompt_encoder().parameters(),
+            *self._prompt_encoder().buffers(),
             *self._gene_prompt_head().parameters(),
             self.value_levels,
         ]
         version = sum(t._version for t in tensors)
         ref = self.value_levels
-        return (self._state_counter, version, self.n_genes, ref.device, self.gene_encoder.cls_token.dtype)
+        return (self._state_counter, version, self.n_genes, ref.device, self._prompt_encoder().cls_token.dtype)
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -435,7 +456,8 @@ class CoMTIP(nn.Module):
     def encode_genes_prompt(self, gene_idx: Tensor, gene_val: Tensor, gene_mask: Tensor | None = None) -> Tensor:
         """L2-normalised gene-sentence embeddings (B, d) in the prompt space; see :meth:`encode_genes`."""
         gene_mask = self._check_genes(gene_idx, gene_val, gene_mask)
-        return F.normalize(self._gene_prompt_head()(self.gene_encoder(gene_idx, gene_val, gene_mask).cls), dim=-1)
+        out = self._prompt_encoder()(gene_idx, gene_val, gene_mask)
+        return F.normalize(self._gene_prompt_head()(out.cls), dim=-1)
 
     def predict_depth(self, images: Tensor) -> Tensor:
         """Predicted log1p depth (B,) of the spots in ``images``; needs ``depth_weight > 0``."""
@@ -580,7 +602,7 @@ class CoMTIP(nn.Module):
         idx = genes.repeat_interleave(k)[:, None]
         val = levels.reshape(-1, 1)
         mask = torch.ones_like(idx, dtype=torch.bool)
-        out = self.gene_encoder(idx, val, mask)
+        out = self._prompt_encoder()(idx, val, mask)
         return F.normalize(head(out.cls), dim=-1).view(n, k, -1)
 
     def _mvm_loss(self, idx: Tensor, val: Tensor, mask: Tensor) -> Tensor:
@@ -694,7 +716,7 @@ class CoMTIP(nn.Module):
         with torch.no_grad(), self._eval_mode():
             for start in range(0, ids.numel(), per):
                 sl = slice(start, start + per)
-                out.append(self._encode_prompts(ids[sl], levels[sl].to(self.gene_encoder.cls_token.dtype), head))
+                out.append(self._encode_prompts(ids[sl], levels[sl].to(self._prompt_encoder().cls_token.dtype), head))
         if not out:
             return torch.zeros(0, k, self.embed_dim, device=self.device)
         return torch.cat(out, dim=0)
@@ -821,6 +843,8 @@ class CoMTIP(nn.Module):
             raise ValueError(msg)
         _check_levels(levels, len(names), self.n_value_levels)
         self.gene_encoder.add_genes(text, len(names))
+        if hasattr(self, "prompt_gene_encoder"):
+            self.prompt_gene_encoder.add_genes(text, len(names))
         self.value_levels = torch.cat([self.value_levels, levels.to(self.value_levels)], dim=0)
         per_gene = getattr(self, "log_tau_gene", None)
         if per_gene is not None:

@@ -67,6 +67,10 @@ class CoMTIPConfig:
         Give the contrastive objective (InfoNCE, PAAT) and the value-level prompt objective their own
         projection heads on the shared towers (DESIGN: sentence InfoNCE in the prompt projection hurts
         zero-shot). Only takes effect when both objectives are on.
+    separate_prompt_encoder
+        Give the prompts their own copy of the gene encoder. ``ct.tl.pretrain`` sets it when its read-out stage
+        starts (the copy begins as the jointly trained encoder), so that training the zero-shot read-out leaves the
+        gene-sentence embeddings of retrieval and :func:`comtip.tl.embed` as the contrastive stage left them.
     mfm_weight
         Weight of Masked Feature Modeling.
     mask_ratio
@@ -142,6 +146,7 @@ class CoMTIPConfig:
     projection: Literal["linear", "mlp"] = "mlp"
     projection_dropout: float = 0.1
     separate_prompt_head: bool = True
+    separate_prompt_encoder: bool = False
     # masked feature modeling
     mfm_weight: float = 0.5
     mask_ratio: float = 0.5

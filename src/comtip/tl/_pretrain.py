@@ -319,6 +319,8 @@ def pretrain(
     if readout:
         # the read-out stage: the tower is fixed now, so its pooled features are computed once per tile and
         # dihedral transform, and the zero-shot read-out (prompt loss alone) trains on them
+        # on its own copy of the gene encoder, so that the sentence embeddings stay those of the contrastive stage
+        model.split_prompt_encoder()
         ro_train = PooledFeatureDataset(train_ds, model, augment=True, seed=seed)
         ro_val = PooledFeatureDataset(val_ds, model, augment=False, seed=seed) if val_ds is not None else None
         summary_stages.append(
