@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 COLUMNS = [
     "pcc_hvg50",
@@ -44,4 +45,4 @@ def render(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(render(json.loads(open(sys.argv[1]).read())))
+    print(render(json.loads(Path(sys.argv[1]).read_text())))

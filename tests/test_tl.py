@@ -63,6 +63,17 @@ def test_readout_stage_leaves_sentence_embeddings_alone(trained, tmp_path):
     ct.settings.model = model
 
 
+def test_pretrain_leaves_out_spots_whose_image_is_gone(sdata_factory):
+    sd = sdata_factory(sections=("S1", "S2", "S3"))
+    ct.pp.spot_tiles(sd, tile_size_um=40, tile_size_px=64)
+    del sd.images["S3_he"]  # e.g. after sdata.subset(...) without the image
+    with pytest.warns(UserWarning, match=r"refer to images that are not in the SpatialData object \(S3_he\)"):
+        model = ct.tl.pretrain(
+            sd, config=ct.CoMTIPConfig.tiny(), max_epochs=1, readout_epochs=0, batch_size=16, n_genes=30, seed=0
+        )
+    assert model.training_summary["sections"] + model.training_summary["validation_sections"] == ["S1", "S2"]
+
+
 def test_embed_writes_documented_keys(model, test_sdata):
     keys = ct.tl.embed(test_sdata, model)
     table = test_sdata.tables["table"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -167,10 +168,12 @@ def pretrain(
     missing_image = ~tiles["image"].astype(str).isin(list(sdata.images))
     if missing_image.any():
         gone = sorted(set(tiles.loc[missing_image, "image"].astype(str)))
-        logger.warning(
-            "%d tiles refer to images that are not in the SpatialData object (%s): their spots are left out of training",
-            int(missing_image.sum()),
-            ", ".join(gone),
+        warnings.warn(
+            f"{int(missing_image.sum())} tiles of {tiles_key!r} refer to images that are not in the SpatialData "
+            f"object ({', '.join(gone)}): their spots are left out of training. Run ct.pp.spot_tiles again after "
+            "subsetting to silence this.",
+            UserWarning,
+            stacklevel=2,
         )
         tiles = tiles[~missing_image]
     tile_obs = set(tiles["obs_name"].astype(str))
