@@ -324,8 +324,14 @@ def pretrain(
         # dihedral transform, and the zero-shot read-out (prompt loss alone) trains on them
         # on its own copy of the gene encoder, so that the sentence embeddings stay those of the contrastive stage
         model.split_prompt_encoder()
-        ro_train = PooledFeatureDataset(train_ds, model, augment=True, seed=seed)
-        ro_val = PooledFeatureDataset(val_ds, model, augment=False, seed=seed) if val_ds is not None else None
+        on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        ro_device = "cuda" if on_gpu else "cpu"
+        ro_train = PooledFeatureDataset(train_ds, model, augment=True, seed=seed, device=ro_device)
+        ro_val = (
+            PooledFeatureDataset(val_ds, model, augment=False, seed=seed, device=ro_device)
+            if val_ds is not None
+            else None
+        )
         summary_stages.append(
             fit(
                 model,

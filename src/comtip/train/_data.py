@@ -185,10 +185,11 @@ class PooledFeatureDataset:
         from ..data import dihedral
 
         self.augment, self.seed, self.epoch = augment, seed, 0
-        device = device or "cpu"
+        device = torch.device(device or "cpu")
         tower = model.image
         was_training = tower.training
-        tower.eval()
+        home = next(tower.parameters()).device
+        tower.to(device).eval()
         n_variants = 8 if augment else 1
         out = None
         try:
@@ -219,7 +220,7 @@ class PooledFeatureDataset:
                     finally:
                         dataset.augment = saved
         finally:
-            tower.train(was_training)
+            tower.to(home).train(was_training)
         self.features = out
         self.n_variants = n_variants
 
