@@ -279,8 +279,11 @@ def test_training_curves(results, tmp_path):
     np.testing.assert_allclose(ax_loss.lines[1].get_ydata(), [h["val_loss"] for h in model.history])
     metric_labels = {line.get_label() for line in fig.axes[-1].lines}
     assert {"val recall5", "val pcc", "val pcc_adj"} <= metric_labels
-    # the kept epoch is marked in every panel
-    best = model.training_summary["stages"][-1]["best_epoch"]
+    # the kept epoch (of the last stage) is marked in every panel, at its place in the epochs counted on
+    last = model.training_summary["stages"][-1]
+    best = next(
+        i for i, h in enumerate(model.history) if h["stage"] == last["stage"] and h["epoch"] == last["best_epoch"]
+    )
     for ax in fig.axes:
         assert any(line.get_linestyle() == ":" and line.get_xdata()[0] == best for line in ax.lines), ax.get_title()
     _save(fig, tmp_path, "training_curves")
