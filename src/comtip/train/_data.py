@@ -72,7 +72,43 @@ class EpochIndexed:
         return self.__getitems__([i])[0]
 
 
-class PrefixFeatureDataset:
+class _CachedFeatures:
+    """Samples of a dataset whose image is replaced by precomputed features (``self.features``: N × variants × ...).
+
+    Subclasses fill ``features``, ``n_variants``, ``dataset``, ``augment``, ``seed`` and set ``key``, the batch key
+    of the features. With ``augment``, each sample takes one of its variants, drawn from (seed, epoch, index).
+    """
+
+    key = "features"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitems__(self, indices):
+        idx = np.asarray(indices, dtype=np.int64)
+        saved = self.dataset.reader
+        self.dataset.reader = None  # genes only: the image comes from the features
+        try:
+            samples = self.dataset.__getitems__(idx)
+        finally:
+            self.dataset.reader = saved
+        for s, i in zip(samples, idx, strict=True):
+            k = (
+                int(np.random.default_rng([self.seed, self.epoch, int(i)]).integers(self.n_variants))
+                if self.augment
+                else 0
+            )
+            s[self.key] = self.features[int(i), k]
+        return samples
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+
+class PrefixFeatureDataset(_CachedFeatures):
     """Samples whose image is replaced by the cached output of the model's frozen tower prefix.
 
     With a frozen prefix (``image_trainable_blocks`` > 0 but not all), the prefix is a fixed function of the
@@ -93,6 +129,8 @@ class PrefixFeatureDataset:
     device
         Where to run the prefix.
     """
+
+    key = "image_prefix"
 
     def __init__(self, dataset, model, *, augment: bool, batch_size: int = 64, device=None, seed: int = 0) -> None:
         import torch
@@ -125,33 +163,6 @@ class PrefixFeatureDataset:
         self.features = feats
         self.n_variants = n_variants
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __getitems__(self, indices):
-
-        idx = np.asarray(indices, dtype=np.int64)
-        saved = self.dataset.reader
-        self.dataset.reader = None  # genes only: the image comes from the cache
-        try:
-            samples = self.dataset.__getitems__(idx)
-        finally:
-            self.dataset.reader = saved
-        for s, i in zip(samples, idx, strict=True):
-            k = (
-                int(np.random.default_rng([self.seed, self.epoch, int(i)]).integers(self.n_variants))
-                if self.augment
-                else 0
-            )
-            s["image_prefix"] = self.features[int(i), k]
-        return samples
-
-    def __getitem__(self, i):
-        return self.__getitems__([i])[0]
-
     @property
     def nbytes(self) -> int:
         return int(self.features.numel() * self.features.element_size())
@@ -162,7 +173,7 @@ def prefix_is_frozen(model) -> bool:
     return len(model.image.prefix_units) > 0
 
 
-class PooledFeatureDataset:
+class PooledFeatureDataset(_CachedFeatures):
     """Samples whose image is replaced by the pooled features of the (now fixed) image tower, for the read-out stage.
 
     The pooled features are computed once per tile and dihedral transform — from cached prefix features when
@@ -177,6 +188,8 @@ class PooledFeatureDataset:
     augment
         Pick one of the 8 dihedral variants per sample and epoch (else the identity).
     """
+
+    key = "pooled"
 
     def __init__(self, dataset, model, *, augment: bool, batch_size: int = 128, device=None, seed: int = 0) -> None:
         import torch
@@ -223,29 +236,3 @@ class PooledFeatureDataset:
             tower.to(home).train(was_training)
         self.features = out
         self.n_variants = n_variants
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __getitems__(self, indices):
-        idx = np.asarray(indices, dtype=np.int64)
-        saved = self.dataset.reader
-        self.dataset.reader = None
-        try:
-            samples = self.dataset.__getitems__(idx)
-        finally:
-            self.dataset.reader = saved
-        for s, i in zip(samples, idx, strict=True):
-            k = (
-                int(np.random.default_rng([self.seed, self.epoch, int(i)]).integers(self.n_variants))
-                if self.augment
-                else 0
-            )
-            s["pooled"] = self.features[int(i), k]
-        return samples
-
-    def __getitem__(self, i):
-        return self.__getitems__([i])[0]
