@@ -111,7 +111,7 @@ def pretrain(
         read-out (gene encoder, prompt heads, read-out temperatures) trains on the prompt loss alone, on pooled image
         features computed once per tile and dihedral transform (0 = no read-out stage).
     readout_lr
-        Learning rate of the read-out stage (default ``lr``).
+        Learning rate of the read-out stage (``None``: ``lr``).
     gene_pretrain_epochs
         Epochs of masked value modeling on the count-only spots before the contrastive stage (0 = none).
     early_stopping_patience
@@ -287,11 +287,10 @@ def pretrain(
         if val_obs
         else None
     )
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     use_cache = cache_image_features
     if use_cache == "auto":
-        use_cache = prefix_is_frozen(model) and not (
-            accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-        )
+        use_cache = prefix_is_frozen(model) and not on_gpu
     if use_cache and prefix_is_frozen(model):
         train_ds = PrefixFeatureDataset(train_ds, model, augment=True, seed=seed)
         if val_ds is not None:
@@ -324,7 +323,6 @@ def pretrain(
         # dihedral transform, and the zero-shot read-out (prompt loss alone) trains on them
         # on its own copy of the gene encoder, so that the sentence embeddings stay those of the contrastive stage
         model.split_prompt_encoder()
-        on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         ro_device = "cuda" if on_gpu else "cpu"
         ro_train = PooledFeatureDataset(train_ds, model, augment=True, seed=seed, device=ro_device)
         ro_val = (
