@@ -297,8 +297,22 @@ def run_size(
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
 
-def _child(argv: dict, *, malloc: str = "default") -> dict:
-    cmd = [sys.executable, __file__, "--_child", json.dumps(argv)]
+def make_slide(path: str, side: int, data_dir: str, sections: list[str]) -> dict:
+    """Cut the tissue blocks and write one slide (runs in its own process, see :func:`_child`)."""
+    with Timer() as t:
+        blocks = tissue_blocks(Path(data_dir), sections)
+        info = write_slide(Path(path), side, blocks)
+    return {**info, "write_s": round(t.s, 1)}
+
+
+def _child(argv: dict, *, malloc: str = "default", task: str = "embed") -> dict:
+    """Run one step in a fresh process.
+
+    Everything heavy (decoding the H&E images, writing the slide, embedding) runs in children, so this process
+    stays small: a child's ``ru_maxrss`` starts from its parent's peak on Linux (``vfork`` + ``exec``), which would
+    otherwise add the slide writer's memory to the embedding's.
+    """
+    cmd = [sys.executable, __file__, "--_child", json.dumps({"task": task, **argv})]
     env = dict(os.environ, **(TUNED_MALLOC if malloc == "tuned" else {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
@@ -356,7 +370,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args._child is not None:  # one size in a fresh process
         kw = json.loads(args._child)
-        print(json.dumps(run_size(**kw)))
+        task = kw.pop("task")
+        print(json.dumps(run_size(**kw) if task == "embed" else make_slide(**kw)))
         return {}
 
     tmp = None
@@ -368,13 +383,14 @@ def main(argv=None) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
     try:
         with Timer() as t_all:
-            with Timer() as t_blocks:
-                blocks = tissue_blocks(Path(args.data_dir), args.sections)
             runs = []
             for side in args.sides:
                 path = workdir / f"slide_{side}.tif"
-                with Timer() as t_write:
-                    info = write_slide(path, side, blocks)
+                info = _child(
+                    {"path": str(path), "side": side, "data_dir": str(args.data_dir), "sections": args.sections},
+                    task="slide",
+                )
+                write_s = info.pop("write_s")
                 for malloc in args.malloc:
                     res = _child(
                         {
@@ -392,7 +408,7 @@ def main(argv=None) -> dict:
                             "side_px": side,
                             "megapixels": round(side * side / 1e6, 1),
                             "malloc": malloc,
-                            "write_s": round(t_write.s, 1),
+                            "write_s": write_s,
                             "slide": info,
                         }
                     )
@@ -412,7 +428,6 @@ def main(argv=None) -> dict:
         "batch_size": args.batch_size,
         "runs": runs,
         "summary": summary,
-        "blocks_s": round(t_blocks.s, 1),
         "wall_s": round(t_all.s, 1),
         "machine": machine(),
     }

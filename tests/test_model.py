@@ -146,6 +146,36 @@ def test_pooled_features_match_timm(encoder):
     assert tokens.shape == (2, m.image.num_tokens, m.image.num_features)
 
 
+@pytest.mark.parametrize(("encoder", "blocks"), [("test_efficientnet", 1), ("test_vit", 2), ("test_resnet", 0)])
+def test_cpu_chunks_give_the_same_features(encoder, blocks, monkeypatch):
+    """Inference on the CPU runs in chunks of settings.cpu_chunk_size: same tokens and pooled features as one pass."""
+    m = _model(image_encoder=encoder, image_trainable_blocks=blocks).eval()
+    x = torch.rand(7, 3, 64, 64)
+    with torch.no_grad():
+        monkeypatch.setattr(ct.settings, "_cpu_chunk_size", None)
+        whole = m.image(x)
+        calls = []
+        u = (m.image.prefix_units or m.image.suffix_units)[0]  # the first unit sees each chunk once
+        monkeypatch.setattr(u, "fn", lambda b, t, f=u.fn: calls.append(len(t)) or f(b, t))
+        monkeypatch.setattr(ct.settings, "_cpu_chunk_size", 3)
+        chunked = m.image(x)
+    assert calls == [3, 3, 1]
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    m.train()  # training: batch statistics need the whole batch
+    calls.clear()
+    m.image(x)
+    assert calls == ([3, 3, 1] if m.image.prefix_units else [7])  # the frozen prefix still runs in chunks
+
+
+def test_cpu_chunk_size_setting_is_validated():
+    for bad in (-1, 2.5, "4", True):
+        with pytest.raises(ValueError, match="cpu_chunk_size"):
+            ct.settings.cpu_chunk_size = bad
+    assert ct.settings.cpu_chunk_size == 4
+    assert "cpu_chunk_size: 4" in repr(ct.settings)
+
+
 @pytest.mark.parametrize(
     ("encoder", "blocks"), [("test_efficientnet", -1), ("test_vit", -1), ("test_vit", 2), ("test_resnet", 0)]
 )

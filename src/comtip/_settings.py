@@ -23,6 +23,10 @@ class Settings:
         Default number of DataLoader workers.
     show_progress_bar
         Show tqdm progress bars on long work.
+    cpu_chunk_size
+        Images per pass of the image tower on the CPU when no gradient is needed (embedding, prediction, cached
+        features). Batches of the DataLoader are split into chunks of this size: on the CPU a few images per pass
+        are faster and need far less memory than 64 (the results are the same). ``0`` or ``None``: no splitting.
     data_dir
         Folder of the named datasets (``$COMTIP_DATA_DIR``, else ``~/.cache/comtip/data``).
     cache_dir
@@ -36,6 +40,7 @@ class Settings:
         self.device: str | None = None
         self.num_workers: int = 0
         self.show_progress_bar: bool = True
+        self._cpu_chunk_size: int | None = 4
         self._data_dir: Path | None = None
         self._cache_dir: Path | None = None
         self._model: CoMTIP | None = None
@@ -62,6 +67,17 @@ class Settings:
     @data_dir.setter
     def data_dir(self, value: str | os.PathLike | None) -> None:
         self._data_dir = None if value is None else Path(value).expanduser()
+
+    @property
+    def cpu_chunk_size(self) -> int | None:
+        return self._cpu_chunk_size
+
+    @cpu_chunk_size.setter
+    def cpu_chunk_size(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            msg = f"settings.cpu_chunk_size must be a positive int, 0 or None (no splitting), not {value!r}."
+            raise ValueError(msg)
+        self._cpu_chunk_size = value or None
 
     @property
     def verbosity(self) -> str:
@@ -92,6 +108,7 @@ class Settings:
             "device": self.device,
             "num_workers": self.num_workers,
             "show_progress_bar": self.show_progress_bar,
+            "cpu_chunk_size": self.cpu_chunk_size,
             "data_dir": str(self.data_dir),
             "cache_dir": str(self.cache_dir),
             "verbosity": self.verbosity,
