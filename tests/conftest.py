@@ -145,7 +145,14 @@ def trained():
     train = make_sdata(sections=("S1", "S2", "S3"))
     ct.pp.spot_tiles(train, tile_size_um=40, tile_size_px=64)
     model = ct.tl.pretrain(
-        train, config=ct.CoMTIPConfig.tiny(), max_epochs=2, readout_epochs=2, batch_size=16, n_genes=30, seed=0
+        train,
+        config=ct.CoMTIPConfig.tiny(),
+        max_epochs=2,
+        readout_epochs=2,
+        readout_refit=True,  # not the default; on here so that every stage runs
+        batch_size=16,
+        n_genes=30,
+        seed=0,
     )
     return model, train
 

@@ -276,14 +276,14 @@ def test_training_curves(results, tmp_path):
     labels = [line.get_label() for line in ax_loss.lines]
     assert labels[:2] == ["train", "val"]
     np.testing.assert_allclose(ax_loss.lines[0].get_ydata(), [h["train_loss"] for h in model.history])
-    np.testing.assert_allclose(ax_loss.lines[1].get_ydata(), [h["val_loss"] for h in model.history])
+    # the read-out refit (last stage) has no validation
+    np.testing.assert_allclose(ax_loss.lines[1].get_ydata(), [h["val_loss"] for h in model.history if "val_loss" in h])
     metric_labels = {line.get_label() for line in fig.axes[-1].lines}
     assert {"val recall5", "val pcc", "val pcc_adj"} <= metric_labels
-    # the kept epoch (of the last stage) is marked in every panel, at its place in the epochs counted on
+    # the kept epoch (the last stage's; without validation its last epoch) is marked in every panel, at its place
     last = model.training_summary["stages"][-1]
-    best = next(
-        i for i, h in enumerate(model.history) if h["stage"] == last["stage"] and h["epoch"] == last["best_epoch"]
-    )
+    assert last["stage"] == "readout_refit" and "best_epoch" not in last
+    best = len(model.history) - 1
     for ax in fig.axes:
         assert any(line.get_linestyle() == ":" and line.get_xdata()[0] == best for line in ax.lines), ax.get_title()
     _save(fig, tmp_path, "training_curves")

@@ -27,14 +27,21 @@ def test_no_current_model_error(test_sdata):
 def test_pretrain_sets_current_model_and_history(trained):
     model, _ = trained
     assert model.is_trained
+    s = model.training_summary
+    best = s["stages"][1]["best_epoch"]  # the read-out is refitted on training + validation spots for best + 1 epochs
     assert [(h["stage"], h["epoch"]) for h in model.history] == [
         ("contrastive", 0),
         ("contrastive", 1),
         ("readout", 0),
         ("readout", 1),
+        *[("readout_refit", e) for e in range(best + 1)],
     ]
     assert model.training_summary["readout_epochs"] == 2
-    s = model.training_summary
+    refit = s["stages"][-1]
+    assert refit["stage"] == "readout_refit" and refit["sections"] == ["S1", "S2", "S3"]
+    assert refit["epochs"] == best + 1
+    n_all = s["n_train_spots"] + s["n_val_spots"]
+    assert refit["steps"] == (best + 1) * (n_all // refit["batch_size"])
     assert s["sections"] == ["S1", "S2"]
     assert s["validation_sections"] == ["S3"]
     assert set(s["eval_panels"]) == {"hvg50", "heg250"}

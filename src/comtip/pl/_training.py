@@ -192,9 +192,15 @@ def _best(
 ) -> tuple[float | None, str]:
     """Position on the x axis of the best epoch of the last stage (the weights the model kept), and its legend label."""
     stages = summary.get("stages") or []
-    if not stages or stages[-1].get("best_epoch") is None:
+    if not stages:
         return None, ""
     last = stages[-1]
+    if last.get("best_epoch") is None:  # no validation in the last stage: its last epoch is kept
+        rows = [i for i, e in enumerate(history) if e.get("stage") == last.get("stage")]
+        if not rows:
+            return None, ""
+        stage = f"{last.get('stage')} " if several_stages else ""
+        return float(x[rows[-1]]), f"kept weights: {stage}epoch {int(history[rows[-1]].get('epoch', 0))} (the last)"
     for i, e in enumerate(history):
         if e.get("stage") == last.get("stage") and int(e.get("epoch", -1)) == int(last["best_epoch"]):
             monitor = last.get("monitor")

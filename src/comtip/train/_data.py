@@ -236,3 +236,17 @@ class PooledFeatureDataset(_CachedFeatures):
             tower.to(home).train(was_training)
         self.features = out
         self.n_variants = n_variants
+
+    @classmethod
+    def concat(cls, dataset, parts: list[PooledFeatureDataset], *, seed: int = 0) -> PooledFeatureDataset:
+        """One augmenting dataset over ``dataset``, whose samples are those of ``parts`` in order (same variants)."""
+        import torch
+
+        if len(dataset) != sum(len(p) for p in parts) or len({p.n_variants for p in parts}) != 1:
+            msg = "concat: the parts must cover the dataset's samples in order, with the same number of variants."
+            raise ValueError(msg)
+        self = cls.__new__(cls)
+        self.dataset, self.augment, self.seed, self.epoch = dataset, parts[0].n_variants > 1, seed, 0
+        self.features = torch.cat([p.features for p in parts])
+        self.n_variants = parts[0].n_variants
+        return self
