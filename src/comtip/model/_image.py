@@ -474,7 +474,18 @@ class ImageTower(nn.Module):
         -------
         ``tokens`` (B, N, C) — only the visible ones, in position order, when ``token_mask`` is given — and
         ``pooled`` (B, C).
+
+        Without gradients, in eval mode, on the CPU and without a mask, the batch runs in chunks of
+        :attr:`comtip.settings.cpu_chunk_size` (same result, less memory, faster).
         """
+        if token_mask is None and not (torch.is_grad_enabled() or self.training):
+            parts = [self._forward_suffix(c) for c in _chunks(features)]
+            if len(parts) > 1:
+                return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            return parts[0]
+        return self._forward_suffix(features, token_mask)
+
+    def _forward_suffix(self, features: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = features
         units = self.suffix_units
         dropped = False
@@ -529,13 +540,7 @@ class ImageTower(nn.Module):
         Without gradients, in eval mode and on the CPU, the batch runs in chunks of
         :attr:`comtip.settings.cpu_chunk_size` images (same result, less memory, faster).
         """
-        x = self.forward_prefix(images)
-        if torch.is_grad_enabled() or self.training:  # batch statistics / backward need the whole batch at once
-            return self.forward_suffix(x)
-        parts = [self.forward_suffix(c) for c in _chunks(x)]
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return self.forward_suffix(self.forward_prefix(images))
 
     @contextlib.contextmanager
     def frozen_bn_statistics(self) -> Iterator[None]:
