@@ -243,18 +243,24 @@ def pretrain(
         "num_workers": num_workers,
         "show_progress_bar": show,
     }
-    # optional gene-side pretraining on count-only spots
-    if gene_pretrain_epochs:
-        count_obs = list(table.obs_names[np.isin(sec, count_secs)]) + train_obs
-        genes_ds = SpotDataset(
+
+    def spots(obs_names: list[str], *, images: bool = True, **kw) -> SpotDataset:
+        """The panel's sentences (and, with ``images``, the tiles) of these spots."""
+        return SpotDataset(
             sdata,
             genes=panel,
             table_key=table_key,
-            tiles_key=None,
-            obs_names=count_obs,
+            tiles_key=tiles_key if images else None,
+            obs_names=obs_names,
             sentence_length=sentence_length,
             layer=layer,
+            **kw,
         )
+
+    # optional gene-side pretraining on count-only spots
+    if gene_pretrain_epochs:
+        count_obs = list(table.obs_names[np.isin(sec, count_secs)]) + train_obs
+        genes_ds = spots(count_obs, images=False)
         stage = fit(
             model,
             genes_ds,
@@ -268,32 +274,8 @@ def pretrain(
         )
         summary_stages.append(stage)
 
-    train_ds = SpotDataset(
-        sdata,
-        genes=panel,
-        table_key=table_key,
-        tiles_key=tiles_key,
-        obs_names=train_obs,
-        sentence_length=sentence_length,
-        layer=layer,
-        augment=True,
-        seed=seed,
-        cache_tiles=True,
-    )
-    val_ds = (
-        SpotDataset(
-            sdata,
-            genes=panel,
-            table_key=table_key,
-            tiles_key=tiles_key,
-            obs_names=val_obs,
-            sentence_length=sentence_length,
-            layer=layer,
-            cache_tiles=True,
-        )
-        if val_obs
-        else None
-    )
+    train_ds = spots(train_obs, augment=True, seed=seed, cache_tiles=True)
+    val_ds = spots(val_obs, cache_tiles=True) if val_obs else None
     on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     use_cache = cache_image_features
     if use_cache == "auto":
@@ -356,31 +338,13 @@ def pretrain(
         if start is not None and best_epoch is not None:
             # refit: same start, the validated number of epochs, training + validation spots
             model.load_state_dict(start)
-            val_aug = SpotDataset(
-                sdata,
-                genes=panel,
-                table_key=table_key,
-                tiles_key=tiles_key,
-                obs_names=val_obs,
-                sentence_length=sentence_length,
-                layer=layer,
-                augment=True,
-                seed=seed,
-                cache_tiles=True,
-            )
+            val_aug = spots(val_obs, augment=True, seed=seed, cache_tiles=True)
             if isinstance(train_ds, PrefixFeatureDataset):
                 val_aug = PrefixFeatureDataset(val_aug, model, augment=True, seed=seed)
             ro_val_aug = PooledFeatureDataset(val_aug, model, augment=True, seed=seed, device=ro_device)
-            all_ds = SpotDataset(
-                sdata,
-                genes=panel,
-                table_key=table_key,
-                tiles_key=None,
-                obs_names=train_obs + val_obs,
-                sentence_length=sentence_length,
-                layer=layer,
+            ro_all = PooledFeatureDataset.concat(
+                spots(train_obs + val_obs, images=False), [ro_train, ro_val_aug], seed=seed
             )
-            ro_all = PooledFeatureDataset.concat(all_ds, [ro_train, ro_val_aug], seed=seed)
             n_hist = len(model.history)
             refit = fit(
                 model,
