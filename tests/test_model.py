@@ -15,7 +15,7 @@ import comtip as ct
 from comtip.model import _io
 from comtip.model._config import LOSS_WEIGHTS
 from comtip.model._gene import sentence_dropout
-from comtip.model._losses import two_hot_targets
+from comtip.model._losses import prompt_logits, readout_value_loss, two_hot_targets
 from comtip.model._paat import adversarial_loss, pair_swap
 
 G, T, K, L, B = 12, 8, 4, 8, 6
@@ -431,6 +431,46 @@ def test_two_hot_targets():
     torch.testing.assert_close(t[2, 1], torch.tensor([0, 0, 0.5, 0.5]))  # repeated level
     inside = values.clamp(max=levels[:, -1])
     torch.testing.assert_close((t * levels).sum(-1), inside)  # the target's mean is the value
+
+
+def test_readout_value_loss_is_the_scaled_error_of_the_predicted_value():
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    prompts = torch.nn.functional.normalize(torch.randn(3, 4, 8), dim=-1)
+    levels = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 0.5, 1.0, 1.5], [0.0, 2.0, 4.0, 6.0]])
+    values = torch.rand(6, 3) * 3
+    values[:, 2] = 1.0  # constant in the batch: left out
+    scale = torch.tensor([5.0, 10.0, 20.0])
+    pred = (prompt_logits(image, prompts, scale).softmax(-1) * levels).sum(-1)
+    var = values[:, :2].var(0, unbiased=False)
+    expected = ((pred[:, :2] - values[:, :2]) ** 2 / var).mean()
+    torch.testing.assert_close(readout_value_loss(image, prompts, levels, values, scale), expected)
+    # no gene varies: zero, with a gradient path
+    prompts.requires_grad_(True)
+    zero = readout_value_loss(image, prompts, levels, torch.ones(6, 3), scale)
+    zero.backward()
+    assert zero.item() == 0.0 and prompts.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["mse", "two_hot"])
+def test_readout_stage_trains_the_chosen_loss(kind):
+    from comtip.model._losses import prompt_loss
+
+    torch.manual_seed(0)
+    model = _model(readout_loss=kind)
+    model.split_prompt_encoder()
+    pooled = torch.randn(8, model.image.num_features)
+    expr = torch.rand(8, G) * 2
+    torch.manual_seed(1)
+    got = model.readout_losses({"pooled": pooled, "expr": expr})
+    torch.manual_seed(1)  # the same genes are sampled
+    genes = torch.randperm(model.n_genes)[: model.config.n_prompt_genes]
+    levels = model.value_levels[genes]
+    prompts = model._encode_prompts(genes, levels, model._gene_prompt_head())
+    image = torch.nn.functional.normalize(model._image_prompt_head()(pooled), dim=-1)
+    fn = readout_value_loss if kind == "mse" else prompt_loss
+    assert set(got) == {"loss", "readout" if kind == "mse" else "prompt"}
+    torch.testing.assert_close(got["loss"], fn(image, prompts, levels, expr[:, genes], model._read_scale(genes)))
 
 
 def test_prediction_lies_within_levels_and_matches_a_direct_computation(model):

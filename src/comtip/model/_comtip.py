@@ -28,6 +28,7 @@ from ._losses import (
     mfm_loss,
     prompt_logits,
     prompt_loss,
+    readout_value_loss,
 )
 from ._paat import PairDiscriminator, adversarial_loss, discriminator_loss, pair_swap
 
@@ -584,7 +585,7 @@ class CoMTIP(nn.Module):
         target = full_tokens.detach().gather(1, hidden_idx[..., None].expand(-1, -1, full_tokens.shape[-1]))
         return mfm_loss(pred, target, self.config.mfm_loss)
 
-    def _prompt_loss(self, pooled: Tensor, expr: Tensor) -> Tensor:
+    def _prompt_loss(self, pooled: Tensor, expr: Tensor, kind: str = "two_hot") -> Tensor:
         if expr.dim() != 2 or expr.shape != (pooled.shape[0], self.n_genes):
             msg = f"batch['expr'] must have shape (B, n_genes) = ({pooled.shape[0]}, {self.n_genes}), got {tuple(expr.shape)}."
             raise ValueError(msg)
@@ -594,7 +595,8 @@ class CoMTIP(nn.Module):
         prompt = self._encode_prompts(genes, levels, self._gene_prompt_head())
         image = F.normalize(self._image_prompt_head()(pooled), dim=-1)
         values = expr[:, genes].to(levels.dtype)
-        return prompt_loss(image, prompt, levels, values, self._read_scale(genes))
+        loss = readout_value_loss if kind == "mse" else prompt_loss
+        return loss(image, prompt, levels, values, self._read_scale(genes))
 
     def _encode_prompts(self, genes: Tensor, levels: Tensor, head: ProjectionHead) -> Tensor:
         """Embeddings (n, K, d) of the single-gene prompts (g, v_k)."""
@@ -619,10 +621,12 @@ class CoMTIP(nn.Module):
         return F.mse_loss(pred[hidden], val[hidden])
 
     def readout_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The value-level prompt loss alone, on pooled image features: the read-out stage of training.
+        """The read-out loss alone, on pooled image features: the read-out stage of training.
 
         With the image tower fixed, its pooled features can be computed once (per tile and dihedral transform);
-        this trains the zero-shot read-out — gene encoder, prompt heads and read-out temperatures — on them.
+        this trains the zero-shot read-out — gene encoder, prompt heads and read-out temperatures — on them, with
+        ``config.readout_loss``: the squared error of the read-out's predicted values (``"mse"``,
+        :func:`~comtip.model._losses.readout_value_loss`) or the prompt loss's cross-entropy (``"two_hot"``).
 
         Parameters
         ----------
@@ -631,14 +635,16 @@ class CoMTIP(nn.Module):
 
         Returns
         -------
-        ``{"loss": prompt, "prompt": prompt}``.
+        ``{"loss": x, "readout": x}`` for ``"mse"``, ``{"loss": x, "prompt": x}`` for ``"two_hot"`` (the same
+        loss as the contrastive stage's ``"prompt"`` part).
         """
         if not self.config.uses_prompt:
             msg = "The read-out stage trains the prompt loss: it needs a model with prompt_weight > 0."
             raise ValueError(msg)
         self._check_batch(batch, ["pooled", "expr"])
-        prompt = self._prompt_loss(batch["pooled"], batch["expr"])
-        return {"loss": prompt, "prompt": prompt}
+        kind = self.config.readout_loss
+        loss = self._prompt_loss(batch["pooled"], batch["expr"], kind=kind)
+        return {"loss": loss, "readout" if kind == "mse" else "prompt": loss}
 
     def masked_value_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Masked value modeling for gene-side pretraining (count-only spots, no image).

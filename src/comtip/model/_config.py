@@ -28,6 +28,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "value_embedding": ("soft_bins", "mlp"),
     "paat_adv_kind": ("fgm", "pgd"),
     "projection": ("linear", "mlp"),
+    "readout_loss": ("mse", "two_hot"),
 }
 
 
@@ -121,6 +122,12 @@ class CoMTIPConfig:
         Initial read-out temperature τ_read (learned).
     prompt_per_gene_temperature
         Learn a per-gene factor on τ_read (genes added later use the global τ_read).
+    readout_loss
+        Loss of the read-out stage of ``ct.tl.pretrain``: ``"mse"`` (squared error of the read-out's predicted value,
+        the softmax-weighted mean of the levels, each gene scaled by its variance in the batch) or ``"two_hot"``
+        (the prompt loss itself, cross-entropy against the two-hot target). The contrastive stage always uses the
+        prompt loss. ``"mse"`` trains the quantity that zero-shot prediction reports; on HER2ST it raised all four
+        zero-shot correlations, depth-controlled ones included (``benchmarks/README.md``).
     infonce_weight
         Weight of the symmetric image–gene InfoNCE.
     temperature_init
@@ -179,6 +186,7 @@ class CoMTIPConfig:
     n_prompt_genes: int = 64
     prompt_temperature_init: float = 0.1
     prompt_per_gene_temperature: bool = True
+    readout_loss: Literal["mse", "two_hot"] = "mse"
     # InfoNCE
     infonce_weight: float = 1.0
     temperature_init: float = 0.07
