@@ -58,6 +58,9 @@ def pearson_depth_adjusted(pred: np.ndarray, true: np.ndarray, log_depth: np.nda
 def recall_at_k(query: np.ndarray, keys: np.ndarray, k: int = 5) -> float:
     """Share of queries i whose own key i is among the k most similar keys (cosine); ties count as misses.
 
+    A query or key with a non-finite entry (e.g. the NaN gene embedding of a spot without panel genes) has no
+    similarity: such a query counts as a miss, and such a key never ranks above another.
+
     Parameters
     ----------
     query, keys
@@ -65,10 +68,13 @@ def recall_at_k(query: np.ndarray, keys: np.ndarray, k: int = 5) -> float:
     """
     q = np.asarray(query, dtype=np.float64)
     kk = np.asarray(keys, dtype=np.float64)
+    valid = np.isfinite(q).all(1) & np.isfinite(kk).all(1)
     q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     kk = kk / np.maximum(np.linalg.norm(kk, axis=1, keepdims=True), 1e-12)
-    sim = q @ kk.T
+    with np.errstate(invalid="ignore"):
+        sim = q @ kk.T
+    sim[~np.isfinite(sim)] = -np.inf
     own = np.diag(sim)[:, None]
     # rank = number of keys strictly more similar, plus ties other than itself (ties are misses)
     better = (sim > own).sum(1) + ((sim == own).sum(1) - 1)
-    return float(np.mean(better < k))
+    return float(np.mean((better < k) & valid))
