@@ -7,6 +7,11 @@ the zero-shot predictions.
 Usage:
   python benchmarks/accuracy.py --data-dir ../shared/data --train C2 C3 C4 C5 --eval C6 [--eval-data-dir D2]
          [--config cpu] [--set key=value ...] [--max-epochs N] [--model DIR] [--save-model DIR] [--json OUT]
+         [--gene-sections auto|none|A1 D1 ...]
+--gene-sections adds count-only sections (no image) to the training data, for gene-side pretraining
+(--pretrain gene_pretrain_epochs=N, with --set mvm_weight=...). "auto" takes every count-only HER2ST section of
+the patients that are neither trained nor evaluated on (patient = the section's letter), so nothing of the
+evaluation patient is seen, not even its counts.
 The last line printed is one JSON object.
 """
 
@@ -30,6 +35,20 @@ def _value(v: str):
         return v
 
 
+def _gene_sections(given: list[str], train: list[str], evaluated: list[str], known) -> list[str]:
+    """The count-only sections to add: ``auto`` = those of patients neither trained nor evaluated on."""
+    if given == ["none"]:
+        return []
+    if given == ["auto"]:
+        seen = {s[0] for s in [*train, *evaluated]}
+        return [s for s in known if s[0] not in seen]
+    clash = [s for s in given if s in evaluated or s[0] in {e[0] for e in evaluated}]
+    if clash:
+        msg = f"--gene-sections {clash} belong to an evaluated patient: a model must not see them (EVAL.md)."
+        raise SystemExit(msg)
+    return [s for s in given if s not in train]
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("COMTIP_DATA_DIR", "../shared/data"))
@@ -46,6 +65,12 @@ def main(argv=None) -> dict:
         default=[],
         metavar="KEY=VALUE",
         help="ct.tl.pretrain arguments, e.g. lr=3e-4 validation=null",
+    )
+    p.add_argument(
+        "--gene-sections",
+        nargs="+",
+        default=["none"],
+        help="count-only sections for gene-side pretraining: 'auto' (other patients), 'none', or a list",
     )
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--model", default=None, help="evaluate this saved model instead of training")
@@ -67,8 +92,9 @@ def main(argv=None) -> dict:
     kwargs = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.pretrain)}
     if args.max_epochs is not None:
         kwargs["max_epochs"] = args.max_epochs
+    gene_sections = _gene_sections(args.gene_sections, args.train, args.eval, ct.datasets.HER2ST_SECTIONS)
     with Timer() as t_all:
-        train = ct.datasets.her2st(args.train, data_dir=args.data_dir)
+        train = ct.datasets.her2st(args.train + gene_sections, data_dir=args.data_dir)
         test = ct.datasets.her2st(args.eval, data_dir=args.eval_data_dir or args.data_dir)
         ct.pp.spot_tiles(train)
         ct.pp.spot_tiles(test)
@@ -99,6 +125,7 @@ def main(argv=None) -> dict:
         "machine": machine(),
         "config": config,
         "pretrain": kwargs,
+        "gene_sections": gene_sections,
         "model": args.model,
         "training": {
             k: v
