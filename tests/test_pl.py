@@ -267,7 +267,8 @@ def test_gene_scores_panel_and_errors(results, sdata_factory):
 def test_training_curves(results, tmp_path):
     model, _ = results
     fig = ct.pl.training_curves(model)
-    parts = [k[6:] for k in model.history[0] if k.startswith("train_")]
+    parts = list(dict.fromkeys(k[6:] for h in model.history for k in h if k.startswith("train_")))
+    assert "readout" in parts  # the read-out stage's own loss (readout_loss="mse"), in its own panel
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[0] == "loss"
     assert set(titles[:-1]) == set(parts)
