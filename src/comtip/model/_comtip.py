@@ -28,6 +28,7 @@ from ._losses import (
     mfm_loss,
     prompt_logits,
     prompt_loss,
+    readout_prediction,
     readout_value_loss,
 )
 from ._paat import PairDiscriminator, adversarial_loss, discriminator_loss, pair_swap
@@ -764,15 +765,13 @@ class CoMTIP(nn.Module):
             msg = f"{g} prompt genes for a panel of {self.n_genes}: pass gene_ids= so per-gene temperatures apply."
             raise ValueError(msg)
         scale = self._read_scale(ids).to(prompt_embeddings.device, prompt_embeddings.dtype)
-        flat = prompt_embeddings.reshape(g * k, d)
         levels = levels.to(prompt_embeddings.dtype)
         n = image_embeddings.shape[0]
         out = torch.empty(n, g, dtype=prompt_embeddings.dtype, device=prompt_embeddings.device)
         chunk = max(1, max_elements // max(g * k, 1))
         for start in range(0, n, chunk):
-            x = image_embeddings[start : start + chunk].to(flat.dtype)
-            logits = (x @ flat.T).view(-1, g, k) * (scale.view(1, -1, 1) if scale.numel() > 1 else scale)
-            out[start : start + chunk] = (logits.softmax(dim=-1) * levels).sum(dim=-1)
+            x = image_embeddings[start : start + chunk].to(prompt_embeddings.dtype)
+            out[start : start + chunk] = readout_prediction(x, prompt_embeddings, levels, scale)
         return out
 
     def predict_from_images(

@@ -141,31 +141,25 @@ def prompt_loss(image_emb: Tensor, prompt_emb: Tensor, levels: Tensor, values: T
     return -(target * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
 
 
+def readout_prediction(image_emb: Tensor, prompt_emb: Tensor, levels: Tensor, logit_scale: Tensor) -> Tensor:
+    """Zero-shot prediction (B, n): the softmax_k(cos(image, prompt_gk) / τ_read)-weighted mean of the levels v_k.
+
+    Arguments as in :func:`prompt_loss`. This is what :meth:`comtip.CoMTIP.predict_from_image_embeddings` reports and
+    what :func:`readout_value_loss` trains.
+    """
+    logits = prompt_logits(image_emb, prompt_emb, logit_scale)
+    return (logits.softmax(dim=-1) * levels.to(logits.dtype)).sum(dim=-1)
+
+
 def readout_value_loss(
     image_emb: Tensor, prompt_emb: Tensor, levels: Tensor, values: Tensor, logit_scale: Tensor
 ) -> Tensor:
-    """Squared error of the zero-shot read-out's prediction, each gene in units of its spread in the batch.
+    """Squared error of the zero-shot prediction (:func:`readout_prediction`), each gene in units of its batch spread.
 
-    The prediction is the read-out of :func:`comtip.tl.predict_expression` (``method="zero_shot"``): the
-    softmax_k(cos(image, prompt_gk) / τ_read)-weighted mean of the levels v_k. Dividing each gene's error by its
-    variance over the batch weighs the genes alike, as the per-gene correlations of EVAL.md do; genes constant in
-    the batch are left out.
-
-    Parameters
-    ----------
-    image_emb
-        (B, d) image embeddings (prompt space).
-    prompt_emb
-        (n, K, d) embeddings of the single-gene prompts (g, v_k).
-    levels
-        (n, K) the levels v_k.
-    values
-        (B, n) the spots' true values of the n genes.
-    logit_scale
-        Scalar or (n,) inverse read-out temperatures.
+    Dividing each gene's error by its variance over the batch weighs the genes alike, as the per-gene correlations of
+    EVAL.md do; genes constant in the batch are left out. Arguments as in :func:`prompt_loss`.
     """
-    logits = prompt_logits(image_emb, prompt_emb, logit_scale)
-    pred = (logits.softmax(dim=-1) * levels.to(logits.dtype)).sum(dim=-1)  # (B, n)
+    pred = readout_prediction(image_emb, prompt_emb, levels, logit_scale)
     values = values.to(pred.dtype)
     var = values.var(dim=0, unbiased=False)
     varies = var > 1e-8
