@@ -18,6 +18,7 @@ The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -29,9 +30,14 @@ from _common import Timer, emit, machine, peak_rss_mb
 
 
 def _value(v: str):
+    """A command-line value: JSON (``false``, ``null``, ``3e-4``), a Python literal (``False``, ``None``) or a string."""
     try:
         return json.loads(v)
     except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError):
         return v
 
 

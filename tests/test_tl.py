@@ -81,6 +81,20 @@ def test_pretrain_leaves_out_spots_whose_image_is_gone(sdata_factory):
     assert model.training_summary["sections"] + model.training_summary["validation_sections"] == ["S1", "S2"]
 
 
+def test_pretrain_without_augmentation(sdata_factory):
+    """augment=False trains on the tiles as they are: recorded, and the weights differ from an augmented run."""
+    import torch
+
+    sd = sdata_factory(sections=("S1", "S2"))
+    ct.pp.spot_tiles(sd, tile_size_um=40, tile_size_px=64)
+    kw = {"config": ct.CoMTIPConfig.tiny(), "max_epochs": 1, "readout_epochs": 1, "batch_size": 16, "n_genes": 30}
+    plain = ct.tl.pretrain(sd, augment=False, seed=0, **kw)
+    augmented = ct.tl.pretrain(sd, seed=0, **kw)
+    assert plain.training_summary["augment"] is False and augmented.training_summary["augment"] is True
+    a, b = plain.state_dict(), augmented.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_embed_writes_documented_keys(model, test_sdata):
     keys = ct.tl.embed(test_sdata, model)
     table = test_sdata.tables["table"]

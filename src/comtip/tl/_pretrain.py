@@ -62,6 +62,7 @@ def pretrain(
     readout_epochs: int = 30,
     readout_lr: float | None = 1e-3,
     readout_refit: bool = False,
+    augment: bool = True,
     early_stopping_patience: int | None = None,
     cache_image_features: bool | Literal["auto"] = "auto",
     accelerator: str = "auto",
@@ -119,6 +120,9 @@ def pretrain(
         from the same start for that many epochs on the training and validation spots together (the contrastive
         stage keeps its validated weights). Off by default: on HER2ST it raised the plain correlations but not the
         depth-controlled ones (``benchmarks/README.md``).
+    augment
+        Augment the training tiles: a random flip/rotation (one of 8) per spot and epoch, plus colour jitter when
+        the tower is not cached (see ``cache_image_features``). Validation tiles are never augmented.
     gene_pretrain_epochs
         Epochs of masked value modeling on the count-only spots before the contrastive stage (0 = none).
     early_stopping_patience
@@ -274,14 +278,14 @@ def pretrain(
         )
         summary_stages.append(stage)
 
-    train_ds = spots(train_obs, augment=True, seed=seed, cache_tiles=True)
+    train_ds = spots(train_obs, augment=augment, seed=seed, cache_tiles=True)
     val_ds = spots(val_obs, cache_tiles=True) if val_obs else None
     on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     use_cache = cache_image_features
     if use_cache == "auto":
         use_cache = prefix_is_frozen(model) and not on_gpu
     if use_cache and prefix_is_frozen(model):
-        train_ds = PrefixFeatureDataset(train_ds, model, augment=True, seed=seed)
+        train_ds = PrefixFeatureDataset(train_ds, model, augment=augment, seed=seed)
         if val_ds is not None:
             val_ds = PrefixFeatureDataset(val_ds, model, augment=False, seed=seed)
     val_genes = (
@@ -314,7 +318,7 @@ def pretrain(
         model.split_prompt_encoder()
         start = {k: v.detach().clone() for k, v in model.state_dict().items()} if readout_refit and val_ds else None
         ro_device = "cuda" if on_gpu else "cpu"
-        ro_train = PooledFeatureDataset(train_ds, model, augment=True, seed=seed, device=ro_device)
+        ro_train = PooledFeatureDataset(train_ds, model, augment=augment, seed=seed, device=ro_device)
         ro_val = (
             PooledFeatureDataset(val_ds, model, augment=False, seed=seed, device=ro_device)
             if val_ds is not None
@@ -338,10 +342,10 @@ def pretrain(
         if start is not None and best_epoch is not None:
             # refit: same start, the validated number of epochs, training + validation spots
             model.load_state_dict(start)
-            val_aug = spots(val_obs, augment=True, seed=seed, cache_tiles=True)
+            val_aug = spots(val_obs, augment=augment, seed=seed, cache_tiles=True)
             if isinstance(train_ds, PrefixFeatureDataset):
-                val_aug = PrefixFeatureDataset(val_aug, model, augment=True, seed=seed)
-            ro_val_aug = PooledFeatureDataset(val_aug, model, augment=True, seed=seed, device=ro_device)
+                val_aug = PrefixFeatureDataset(val_aug, model, augment=augment, seed=seed)
+            ro_val_aug = PooledFeatureDataset(val_aug, model, augment=augment, seed=seed, device=ro_device)
             ro_all = PooledFeatureDataset.concat(
                 spots(train_obs + val_obs, images=False), [ro_train, ro_val_aug], seed=seed
             )
@@ -378,6 +382,7 @@ def pretrain(
             "stages": summary_stages,
             "eval_panels": {"hvg50": panels["hvg50"], "heg250": panels["heg250"]},
             "cached_image_features": bool(use_cache),
+            "augment": augment,
             "wall_s": round(time.perf_counter() - t_start, 1),
         }
     )
