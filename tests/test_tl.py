@@ -273,3 +273,33 @@ def test_anndata_input(model, test_sdata):
     ct.tl.predict_expression(adata, model, genes=["ERBB2", "CDH1"], dihedral=False)
     assert np.isfinite(adata.layers["comtip_pred"][:, adata.var_names.get_loc("ERBB2")]).all()
     assert "CDH1" in adata.obsm["comtip_pred"]
+
+
+def test_evaluate_scores_every_method_on_one_panel(trained, test_sdata):
+    """EVAL.md's table in one call: every method scored with the same metrics, baselines with and without averaging."""
+    from comtip.tl._evaluate import METHODS, evaluate
+
+    model, train = trained
+    res = evaluate(copy.deepcopy(model), train, test_sdata, batch_size=32)
+    assert set(res["methods"]) == {*METHODS, "comtip_zero_shot_shuffled_images"}
+    for name, r in res["methods"].items():
+        assert {"pcc_hvg50", "pcc_heg250", "pcc_hvg50_adj", "pcc_heg250_adj", "recall_at5"} <= set(r), name
+    assert res["methods"]["mean"]["pcc_hvg50"] == 0  # a constant prediction scores 0 by definition
+    # the averaged baselines run on other features than the single-view ones
+    assert res["methods"]["imagenet_retrieval_dihedral"] != res["methods"]["imagenet_retrieval"]
+    with pytest.raises(ValueError, match="Unknown methods"):
+        evaluate(model, train, test_sdata, methods=["imagenet_probe_flipped"])
+
+
+def test_dihedral_mean_is_invariant_to_flips_and_rotations():
+    import torch
+
+    from comtip.model._inference import DihedralMean
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())  # not invariant itself
+    x = torch.rand(2, 3, 8, 8)
+    averaged = DihedralMean(encoder)
+    assert not torch.allclose(encoder(x), encoder(x.flip(-1)))
+    torch.testing.assert_close(averaged(x.flip(-1)), averaged(x))
+    torch.testing.assert_close(averaged(torch.rot90(x, 1, (-2, -1))), averaged(x))

@@ -149,6 +149,17 @@ class ImageNetEncoder(torch.nn.Module):
         return self.backbone((images - 0.5) / 0.5)
 
 
+class DihedralMean(torch.nn.Module):
+    """An image encoder's output averaged over the 8 flips/rotations of its input (test-time averaging)."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.encoder(v) for v in dihedral_transforms(images)]).mean(0)
+
+
 @torch.inference_mode()
 def encode_batches(encoder: torch.nn.Module, batches: Iterable[dict], *, device=None) -> np.ndarray:
     """Run a frozen image encoder over batches with ``"image"``; returns (N, C) float32 features."""

@@ -14,7 +14,16 @@ from .._progress import progress
 from ._data import Spots
 from ._reference import knn_retrieval, ridge_probe
 
-METHODS = ("comtip_zero_shot", "comtip_retrieval", "comtip_probe", "imagenet_probe", "imagenet_retrieval", "mean")
+METHODS = (
+    "comtip_zero_shot",
+    "comtip_retrieval",
+    "comtip_probe",
+    "imagenet_probe",
+    "imagenet_retrieval",
+    "imagenet_probe_dihedral",
+    "imagenet_retrieval_dihedral",
+    "mean",
+)
 
 
 def _spots(sdata, table_key: str, tiles_key: str) -> tuple[Spots, list[str]]:
@@ -30,18 +39,21 @@ def _spots(sdata, table_key: str, tiles_key: str) -> tuple[Spots, list[str]]:
     return spots, names
 
 
-def _imagenet_features(spots: Spots, names: list[str], *, batch_size: int, device) -> np.ndarray:
+def _imagenet_features(
+    spots: Spots, names: list[str], *, batch_size: int, device, dihedral: bool = False
+) -> np.ndarray:
+    """EVAL.md's frozen ImageNet features; with ``dihedral``, averaged over the 8 flips/rotations of each tile."""
     from torch.utils.data import Subset
 
     from ..data import SpotDataset, make_loader
-    from ..model._inference import ImageNetEncoder, encode_batches
+    from ..model._inference import DihedralMean, ImageNetEncoder, encode_batches
 
     ds = SpotDataset(spots.sdata, genes=None, tiles_key=spots.tiles_key, obs_names=names)
     order = ds.reader.read_order()
     loader = make_loader(Subset(ds, order), batch_size=batch_size)
-    feats = encode_batches(
-        ImageNetEncoder(), progress(loader, desc="ImageNet features", total=len(loader)), device=device
-    )
+    encoder = DihedralMean(ImageNetEncoder()) if dihedral else ImageNetEncoder()
+    desc = "ImageNet features, 8 flips/rotations" if dihedral else "ImageNet features"
+    feats = encode_batches(encoder, progress(loader, desc=desc, total=len(loader)), device=device)
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))
     return feats[inv]
@@ -87,11 +99,15 @@ def evaluate(
     test
         SpatialData of the evaluation sections.
     methods
-        Subset of ``comtip_zero_shot, comtip_retrieval, comtip_probe, imagenet_probe, imagenet_retrieval, mean``.
+        Subset of ``comtip_zero_shot, comtip_retrieval, comtip_probe, imagenet_probe, imagenet_retrieval,
+        imagenet_probe_dihedral, imagenet_retrieval_dihedral, mean``. The ``*_dihedral`` baselines average the
+        ImageNet features over the 8 flips/rotations of each tile, the test-time averaging that ``dihedral`` gives
+        CoMTIP (EVAL.md's baselines use one view).
     shuffled_control
         Also score ``comtip_zero_shot`` with the image embeddings shuffled across spots (should be ~0).
     dihedral
-        Average CoMTIP image embeddings over the 8 dihedral transforms.
+        Average CoMTIP image embeddings over the 8 dihedral transforms (as :func:`comtip.tl.predict_expression`
+        does by default).
 
     Returns
     -------
@@ -167,17 +183,20 @@ def evaluate(
                 r = _metrics(pred, y_te, depth, idx)
                 r["recall_at5"] = _profile_recall(pred, y_te, mu, sd)
                 res[m] = r
-    if "imagenet_probe" in methods or "imagenet_retrieval" in methods:
+    for suffix, averaged in (("", False), ("_dihedral", True)):
+        wanted = [m for m in (f"imagenet_probe{suffix}", f"imagenet_retrieval{suffix}") if m in methods]
+        if not wanted:
+            continue
         t = time.perf_counter()
-        f_tr = _imagenet_features(tr_spots, tr_names, batch_size=batch_size, device=device)
-        f_te = _imagenet_features(te_spots, te_names, batch_size=batch_size, device=device)
-        secs["imagenet_features"] = time.perf_counter() - t
-        for m in ("imagenet_probe", "imagenet_retrieval"):
-            if m in methods:
-                pred = _reference_predict(m, f_tr, y_tr, f_te, idx, genes)
-                r = _metrics(pred, y_te, depth, idx)
-                r["recall_at5"] = _profile_recall(pred, y_te, mu, sd)
-                res[m] = r
+        kw = {"batch_size": batch_size, "device": device, "dihedral": averaged}
+        f_tr = _imagenet_features(tr_spots, tr_names, **kw)
+        f_te = _imagenet_features(te_spots, te_names, **kw)
+        secs[f"imagenet_features{suffix}"] = time.perf_counter() - t
+        for m in wanted:
+            pred = _reference_predict(m, f_tr, y_tr, f_te, idx, genes)
+            r = _metrics(pred, y_te, depth, idx)
+            r["recall_at5"] = _profile_recall(pred, y_te, mu, sd)
+            res[m] = r
     if "mean" in methods:
         pred = np.repeat(y_tr.mean(0, keepdims=True), len(y_te), 0)
         r = _metrics(pred, y_te, depth, idx)
@@ -195,7 +214,7 @@ def evaluate(
 
 def _reference_predict(method: str, f_tr, y_tr, f_te, idx, genes) -> np.ndarray:
     """Retrieval (all genes at once) or the probe (one α per panel, EVAL.md)."""
-    if method.endswith("retrieval"):
+    if "retrieval" in method:
         return knn_retrieval(f_tr, y_tr, f_te, k=50, temperature=0.1)
     pred = np.zeros((len(f_te), len(genes)))
     for gi in idx.values():
