@@ -81,7 +81,11 @@ def main(argv=None) -> dict:
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--model", default=None, help="evaluate this saved model instead of training")
     p.add_argument("--save-model", default=None)
-    p.add_argument("--no-dihedral", action="store_true")
+    p.add_argument(
+        "--no-dihedral",
+        action="store_true",
+        help="score CoMTIP on one view of each tile instead of the mean of its 8 flips/rotations",
+    )
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

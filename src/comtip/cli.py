@@ -297,7 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval", nargs="+", default=["C6"], help="evaluation sections")
     s.add_argument("--data-dir", default=None)
     s.add_argument("--eval-data-dir", default=None)
-    s.add_argument("--no-dihedral", action="store_true")
+    s.add_argument(
+        "--no-dihedral",
+        action="store_true",
+        help="score CoMTIP on one view of each tile instead of the mean of its 8 flips/rotations",
+    )
     s.add_argument("--json", default=None, help="write the results here")
     s.set_defaults(func=cmd_evaluate)
 
