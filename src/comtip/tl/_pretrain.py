@@ -122,7 +122,9 @@ def pretrain(
         depth-controlled ones (``benchmarks/README.md``).
     augment
         Augment the training tiles: a random flip/rotation (one of 8) per spot and epoch, plus colour jitter when
-        the tower is not cached (see ``cache_image_features``). Validation tiles are never augmented.
+        the tower is not cached (see ``cache_image_features``). Validation scores are always computed on the tiles
+        as they are; with ``readout_refit``, the validation spots are augmented like the training spots when the
+        read-out is refitted on them.
     gene_pretrain_epochs
         Epochs of masked value modeling on the count-only spots before the contrastive stage (0 = none).
     early_stopping_patience
