@@ -86,6 +86,13 @@ def main(argv=None) -> dict:
         action="store_true",
         help="score CoMTIP on one view of each tile instead of the mean of its 8 flips/rotations",
     )
+    p.add_argument(
+        "--spatial-context",
+        type=float,
+        default=0.0,
+        help="mix every method's image features with the mean of the neighbouring spots' (0: EVAL.md, each spot alone; "
+        "0.5: half and half)",
+    )
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -120,7 +127,14 @@ def main(argv=None) -> dict:
             t_train = tt.s
             if args.save_model:
                 model.save(args.save_model, overwrite=True)
-        res = evaluate(model, train, test, methods=args.methods or METHODS, dihedral=not args.no_dihedral)
+        res = evaluate(
+            model,
+            train,
+            test,
+            methods=args.methods or METHODS,
+            dihedral=not args.no_dihedral,
+            spatial_context=args.spatial_context,
+        )
     out = {
         "benchmark": "accuracy",
         "methods": res["methods"],
@@ -145,6 +159,7 @@ def main(argv=None) -> dict:
         "history": model.history,
         "seconds": res["seconds"],
         "dihedral": res["dihedral"],
+        "spatial_context": res["spatial_context"],
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     emit(out, args.json)

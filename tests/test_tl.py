@@ -47,6 +47,7 @@ def test_pretrain_sets_current_model_and_history(trained):
     assert set(s["eval_panels"]) == {"hvg50", "heg250"}
     assert model.reference["embeddings"].shape == (72, model.embed_dim)
     assert model.reference["expression"].shape == (72, model.n_genes)
+    assert model.reference["xy"].shape == (72, 2) and set(model.reference["section"].tolist()) == {0, 1}
 
 
 def test_readout_stage_leaves_sentence_embeddings_alone(trained, tmp_path):
@@ -243,6 +244,8 @@ def test_save_load_model_round_trip(model, test_sdata, tmp_path):
     loaded = ct.tl.load_model(tmp_path / "m")
     assert ct.settings.model is loaded
     assert loaded.reference is not None
+    for k in ("embeddings", "expression", "xy", "section"):
+        np.testing.assert_array_equal(loaded.reference[k].numpy(), model.reference[k].numpy(), err_msg=k)
     a = ct.tl.embed(test_sdata, model, key_added="a")
     b = ct.tl.embed(test_sdata, loaded, key_added="b")
     t = test_sdata.tables["table"]
@@ -289,6 +292,12 @@ def test_evaluate_scores_every_method_on_one_panel(trained, test_sdata):
     assert res["methods"]["imagenet_retrieval_dihedral"] != res["methods"]["imagenet_retrieval"]
     with pytest.raises(ValueError, match="Unknown methods"):
         evaluate(model, train, test_sdata, methods=["imagenet_probe_flipped"])
+    # spatial context reaches CoMTIP's and the baselines' features alike
+    some = ["comtip_probe", "imagenet_probe"]
+    ctx = evaluate(model, train, test_sdata, methods=some, spatial_context=0.5, shuffled_control=False, batch_size=32)
+    assert ctx["spatial_context"] == 0.5 and res["spatial_context"] == 0.0
+    for m in some:
+        assert ctx["methods"][m]["pcc_hvg50"] != res["methods"][m]["pcc_hvg50"], m
 
 
 def test_dihedral_mean_is_invariant_to_flips_and_rotations():
@@ -303,3 +312,73 @@ def test_dihedral_mean_is_invariant_to_flips_and_rotations():
     assert not torch.allclose(encoder(x), encoder(x.flip(-1)))
     torch.testing.assert_close(averaged(x.flip(-1)), averaged(x))
     torch.testing.assert_close(averaged(torch.rot90(x, 1, (-2, -1))), averaged(x))
+
+
+def test_neighbour_average_known_answer():
+    """Neighbours: same section, within 1.5 spot spacings (8 on a square grid); isolated spots keep their row."""
+    from comtip._spatial import neighbour_average
+
+    xy = np.array([(x, y) for x in range(3) for y in range(3)], dtype=float) * 200.0  # ST grid, 200 µm apart
+    v = np.arange(9, dtype=float)[:, None]
+    out = neighbour_average(v, xy, np.zeros(9), weight=0.5)
+    assert out[4, 0] == pytest.approx(0.5 * 4 + 0.5 * np.mean([0, 1, 2, 3, 5, 6, 7, 8]))  # centre: 8 neighbours
+    assert out[0, 0] == pytest.approx(0.5 * 0 + 0.5 * np.mean([1, 3, 4]))  # corner: 3 neighbours
+    np.testing.assert_array_equal(neighbour_average(v, xy, np.zeros(9), weight=0.0), v)
+    # a second section at the same positions never mixes with the first
+    both = neighbour_average(np.vstack([v, v + 100]), np.vstack([xy, xy]), np.repeat(["a", "b"], 9), weight=0.5)
+    np.testing.assert_allclose(both[:9], out)
+    np.testing.assert_allclose(both[9:], out + 100)  # the same mixing of rows shifted by 100
+    # a lone spot far from the others (its own section's spacing is nan) keeps its value
+    lone = neighbour_average(np.vstack([v, [[42.0]]]), np.vstack([xy, [[1e5, 1e5]]]), [*["a"] * 9, "b"], weight=0.5)
+    assert lone[-1, 0] == 42.0
+
+
+def test_spatial_context_mixes_each_spot_with_its_neighbours(model, test_sdata, trained):
+    """predict_expression(spatial_context=w) predicts from (1 - w) * own + w * neighbours' mean embedding."""
+    from comtip._spatial import neighbour_average
+    from comtip.tl._data import resolve_spots
+    from comtip.tl._embed import image_embeddings
+    from comtip.tl._predict import _zero_shot
+
+    genes = ["ERBB2", "KRT19"]
+    table = test_sdata.tables["table"]
+    ct.tl.predict_expression(test_sdata, model, genes=genes, dihedral=False, spatial_context=0.5, layer_added="ctx")
+    assert table.uns["comtip"]["predict_expression"]["spatial_context"] == 0.5
+    spots = resolve_spots(test_sdata, table_key="table", tiles_key="comtip_tiles", model=model)
+    pos, names = spots.tiled_rows()
+    emb = image_embeddings(model, spots, names, batch_size=32, device=None, dihedral=False, num_workers=0)
+    xy, sections = spots.centres(names)
+    mixed = neighbour_average(emb["prompt"], xy, sections, weight=0.5).astype(np.float32)
+    expected = _zero_shot(model, mixed, genes, descriptions=None, n_levels=None)
+    got = table.layers["ctx"][pos][:, table.var_names.get_indexer(genes)]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    alone = _zero_shot(model, emb["prompt"], genes, descriptions=None, n_levels=None)
+    assert np.abs(got - alone).max() > 1e-3  # the context changes predictions
+
+    # reference methods mix the reference spots too, so they need a reference with positions
+    # the stored training reference keeps its spots' positions, so reference methods mix those spots too
+    ct.tl.predict_expression(
+        test_sdata, model, method="probe", genes=genes, dihedral=False, spatial_context=0.5, layer_added="p0"
+    )
+    ct.tl.predict_expression(test_sdata, model, method="probe", genes=genes, dihedral=False, layer_added="p1")
+    assert not np.allclose(table.layers["p0"][pos], table.layers["p1"][pos], equal_nan=True)
+    before = set(table.layers)
+    old = copy.deepcopy(model)  # as saved before positions were stored
+    old.reference = {k: old.reference[k] for k in ("embeddings", "expression")}
+    with pytest.raises(ValueError, match=r"spatial_context.*no spot positions.*reference="):
+        ct.tl.predict_expression(test_sdata, old, method="probe", genes=genes, spatial_context=0.5, layer_added="p")
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="spatial_context must be between 0"):
+            ct.tl.predict_expression(test_sdata, model, genes=genes, spatial_context=bad, layer_added="p")
+    assert set(table.layers) == before  # nothing written
+    ct.tl.predict_expression(
+        test_sdata,
+        model,
+        method="probe",
+        reference=trained[1],
+        genes=genes,
+        dihedral=False,
+        spatial_context=0.5,
+        layer_added="p",
+    )
+    assert np.isfinite(table.layers["p"][pos][:, table.var_names.get_indexer(genes)]).all()

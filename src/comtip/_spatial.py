@@ -76,3 +76,52 @@ def nearest_neighbour_spacing(xy: np.ndarray) -> float:
 
     d, _ = cKDTree(xy).query(xy, k=2)
     return float(np.median(d[:, 1]))
+
+
+def neighbour_average(
+    values: np.ndarray, xy: np.ndarray, groups: np.ndarray, *, weight: float, radius: float = 1.5
+) -> np.ndarray:
+    """Mix each row with the mean of its spatial neighbours: ``(1 - weight) * own + weight * mean(neighbours)``.
+
+    Neighbours are the other points of the same group (a section) within ``radius`` times that group's spot spacing
+    (median nearest-neighbour distance): with the default 1.5, the 8 spots around a spot of a square ST grid, the 6
+    of a hexagonal Visium grid. Points without a neighbour keep their own row.
+
+    Parameters
+    ----------
+    values
+        (n, d) rows to mix, e.g. image embeddings.
+    xy
+        (n, 2) spot centres.
+    groups
+        (n,) group labels; points of different groups are never neighbours.
+    weight
+        Share of the neighbours' mean, in [0, 1]; 0 returns ``values`` unchanged.
+    radius
+        Neighbourhood radius in spot spacings.
+
+    Returns
+    -------
+    A new (n, d) float array.
+    """
+    from scipy import sparse
+    from scipy.spatial import cKDTree
+
+    out = np.array(values, dtype=float, copy=True)
+    if weight == 0 or len(out) < 2:
+        return out
+    groups = np.asarray(groups)
+    for g in np.unique(groups):
+        m = np.flatnonzero(groups == g)
+        spacing = nearest_neighbour_spacing(xy[m])
+        if not np.isfinite(spacing) or spacing <= 0:
+            continue
+        adj = cKDTree(xy[m]).sparse_distance_matrix(cKDTree(xy[m]), radius * spacing, output_type="coo_matrix")
+        keep = adj.row != adj.col
+        adj = sparse.csr_matrix((np.ones(keep.sum()), (adj.row[keep], adj.col[keep])), shape=(len(m), len(m)))
+        deg = np.asarray(adj.sum(1)).ravel()
+        has = deg > 0
+        nb_mean = (adj @ out[m])[has] / deg[has, None]
+        rows = m[has]
+        out[rows] = (1 - weight) * out[rows] + weight * nb_mean
+    return out

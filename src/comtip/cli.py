@@ -137,6 +137,7 @@ def cmd_predict(args) -> None:
         genes=args.genes,
         method=args.method,
         dihedral=not args.no_dihedral,
+        spatial_context=args.spatial_context,
         batch_size=args.batch_size,
         device=args.device,
     )
@@ -155,7 +156,7 @@ def cmd_evaluate(args) -> None:
     train = ct.datasets.her2st(args.train, data_dir=args.data_dir)
     test = ct.datasets.her2st(args.eval, data_dir=args.eval_data_dir or args.data_dir)
     t0 = time.perf_counter()
-    res = evaluate(model, train, test, dihedral=not args.no_dihedral)
+    res = evaluate(model, train, test, dihedral=not args.no_dihedral, spatial_context=args.spatial_context)
     res.update(
         {"train": args.train, "eval": args.eval, "model": args.model, "wall_s": round(time.perf_counter() - t0, 1)}
     )
@@ -276,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--method", default="zero_shot", choices=["zero_shot", "retrieval", "probe"])
     s.add_argument("--no-dihedral", action="store_true", help="do not average over the 8 flips/rotations")
+    s.add_argument(
+        "--spatial-context",
+        type=float,
+        default=0.0,
+        help="mix each spot's image embedding with its neighbours' mean: 0 = alone (default), 0.5 = half and half",
+    )
     s.add_argument("--score", action="store_true", help="also score against the measured expression")
     s.add_argument("--output", default=None, help="output .h5ad (table) or .zarr (whole SpatialData)")
     s.add_argument("--batch-size", type=int, default=64)
@@ -301,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-dihedral",
         action="store_true",
         help="score CoMTIP on one view of each tile instead of the mean of its 8 flips/rotations",
+    )
+    s.add_argument(
+        "--spatial-context",
+        type=float,
+        default=0.0,
+        help="mix every method's image features with the neighbouring spots' mean: 0 = alone (default), 0.5 = half and half",
     )
     s.add_argument("--json", default=None, help="write the results here")
     s.set_defaults(func=cmd_evaluate)

@@ -165,7 +165,10 @@ def save_model(model: CoMTIP, path: str | PathLike, *, overwrite: bool = False) 
 
 
 def _check_reference(model: CoMTIP) -> dict[str, Tensor] | None:
-    """The model's retrieval reference as plain CPU tensors, checked: ``embeddings`` (n, d), ``expression`` (n, G0)."""
+    """The model's retrieval reference as plain CPU tensors, checked: ``embeddings`` (n, d), ``expression`` (n, G0).
+
+    Optionally ``xy`` (n, 2) and ``section`` (n,): the spots' centres and section codes, for spatial context.
+    """
     ref = getattr(model, "reference", None)
     if not ref:
         return None
@@ -176,10 +179,19 @@ def _check_reference(model: CoMTIP) -> dict[str, Tensor] | None:
     if emb.shape[0] != expr.shape[0] or emb.shape[1] != model.embed_dim or expr.shape[1] > model.n_genes:
         msg = f"model.reference shapes {tuple(emb.shape)} / {tuple(expr.shape)} do not fit the model (d = {model.embed_dim}, {model.n_genes} genes)."
         raise ValueError(msg)
-    return {
+    out = {
         "embeddings": emb.detach().cpu().float().contiguous(),
         "expression": expr.detach().cpu().float().contiguous(),
     }
+    xy, section = ref.get("xy"), ref.get("section")
+    if xy is not None or section is not None:  # optional: the spots' centres and section codes (spatial context)
+        ok = isinstance(xy, Tensor) and isinstance(section, Tensor)
+        if not ok or tuple(xy.shape) != (emb.shape[0], 2) or tuple(section.shape) != (emb.shape[0],):
+            msg = "model.reference 'xy' (n, 2) and 'section' (n,) must be given together, one row per reference spot."
+            raise ValueError(msg)
+        out["xy"] = xy.detach().cpu().double().contiguous()
+        out["section"] = section.detach().cpu().long().contiguous()
+    return out
 
 
 def _read_reference(folder: Path, meta: dict[str, Any], genes: list[str]) -> dict[str, Tensor] | None:
@@ -196,7 +208,12 @@ def _read_reference(folder: Path, meta: dict[str, Any], genes: list[str]) -> dic
     except Exception as e:
         msg = f"{file} could not be read as safetensors ({type(e).__name__}: {e}); it is truncated or corrupted: re-save the model."
         raise ValueError(msg) from e
-    if set(ref) != {"embeddings", "expression"} or not info or state_dict_checksum(ref) != info.get("sha256"):
+    keys = set(ref)
+    if (
+        keys not in ({"embeddings", "expression"}, {"embeddings", "expression", "xy", "section"})
+        or not info
+        or state_dict_checksum(ref) != info.get("sha256")
+    ):
         msg = f"{file} does not match the reference recorded in {CONFIG_FILE}; re-save the model."
         raise ValueError(msg)
     if list(info.get("genes", [])) != genes[: ref["expression"].shape[1]]:

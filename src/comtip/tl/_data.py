@@ -39,6 +39,13 @@ class Spots:
         pos = np.flatnonzero([r in have for r in self.rows])
         return pos, [self.rows[i] for i in pos]
 
+    def centres(self, obs_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tile centres (n, 2) of ``obs_names`` and the shapes element (section) each spot belongs to."""
+        tiles = self.sdata.shapes[self.tiles_key].drop_duplicates("obs_name").set_index("obs_name")
+        sub = tiles.loc[list(obs_names)]
+        c = sub.geometry.centroid
+        return np.column_stack([c.x.to_numpy(), c.y.to_numpy()]), sub["region"].astype(str).to_numpy()
+
 
 def resolve_spots(data, *, table_key: str, tiles_key: str, model=None, need_tiles: bool = True) -> Spots:
     """Spots of ``data`` with their tiles; AnnData with scanpy's ``uns['spatial']`` is converted on the fly.

@@ -24,8 +24,13 @@ def image_embeddings(
     dihedral: bool,
     num_workers: int,
     prompt: bool = True,
+    spatial_context: float = 0.0,
 ) -> dict[str, np.ndarray]:
-    """Run the image tower over the tiles of ``obs_names`` (read in batches); both embedding spaces."""
+    """Run the image tower over the tiles of ``obs_names`` (read in batches); both embedding spaces.
+
+    With ``spatial_context`` > 0, each embedding is mixed with the mean of its neighbouring spots' embeddings (among
+    ``obs_names``, same section; :func:`comtip._spatial.neighbour_average`).
+    """
     from .._progress import progress
     from ..data import SpotDataset, make_loader
     from ..model._inference import embed_images
@@ -45,7 +50,32 @@ def image_embeddings(
     )
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))
-    return {k: v[inv] for k, v in out.items()}
+    return with_spatial_context({k: v[inv] for k, v in out.items()}, spots, obs_names, spatial_context)
+
+
+def check_spatial_context(spatial_context: float) -> None:
+    """``spatial_context`` must be a share in [0, 1]."""
+    if not 0.0 <= float(spatial_context) <= 1.0:
+        msg = (
+            f"spatial_context must be between 0 (each spot alone) and 1 (only its neighbours' mean), got "
+            f"{spatial_context!r}; 0.5 mixes a spot's own image embedding half and half with its neighbours'."
+        )
+        raise ValueError(msg)
+
+
+def with_spatial_context(
+    arrays: dict[str, np.ndarray], spots, obs_names: list[str], spatial_context: float
+) -> dict[str, np.ndarray]:
+    """Each array's rows mixed with their spatial neighbours' mean (unchanged when ``spatial_context`` is 0)."""
+    if not spatial_context:
+        return arrays
+    from .._spatial import neighbour_average
+
+    xy, groups = spots.centres(obs_names)
+    return {
+        k: neighbour_average(v, xy, groups, weight=spatial_context).astype(v.dtype, copy=False)
+        for k, v in arrays.items()
+    }
 
 
 def embed(

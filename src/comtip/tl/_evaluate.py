@@ -40,13 +40,17 @@ def _spots(sdata, table_key: str, tiles_key: str) -> tuple[Spots, list[str]]:
 
 
 def _imagenet_features(
-    spots: Spots, names: list[str], *, batch_size: int, device, dihedral: bool = False
+    spots: Spots, names: list[str], *, batch_size: int, device, dihedral: bool = False, spatial_context: float = 0.0
 ) -> np.ndarray:
-    """EVAL.md's frozen ImageNet features; with ``dihedral``, averaged over the 8 flips/rotations of each tile."""
+    """EVAL.md's frozen ImageNet features; with ``dihedral``, averaged over the 8 flips/rotations of each tile.
+
+    ``spatial_context`` mixes them with their neighbouring spots' mean, as for CoMTIP's embeddings.
+    """
     from torch.utils.data import Subset
 
     from ..data import SpotDataset, make_loader
     from ..model._inference import DihedralMean, ImageNetEncoder, encode_batches
+    from ._embed import with_spatial_context
 
     ds = SpotDataset(spots.sdata, genes=None, tiles_key=spots.tiles_key, obs_names=names)
     order = ds.reader.read_order()
@@ -56,7 +60,7 @@ def _imagenet_features(
     feats = encode_batches(encoder, progress(loader, desc=desc, total=len(loader)), device=device)
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))
-    return feats[inv]
+    return with_spatial_context({"f": feats[inv]}, spots, names, spatial_context)["f"]
 
 
 def _metrics(pred: np.ndarray, true: np.ndarray, depth: np.ndarray, idx: dict[str, np.ndarray]) -> dict[str, float]:
@@ -82,6 +86,7 @@ def evaluate(
     methods: Sequence[str] = METHODS,
     shuffled_control: bool = True,
     dihedral: bool = True,
+    spatial_context: float = 0.0,
     table_key: str = C.TABLE_KEY,
     tiles_key: str = C.TILES_KEY,
     batch_size: int = 64,
@@ -108,6 +113,10 @@ def evaluate(
     dihedral
         Average CoMTIP image embeddings over the 8 dihedral transforms (as :func:`comtip.tl.predict_expression`
         does by default).
+    spatial_context
+        Mix every method's image features (CoMTIP's and ImageNet's, training and evaluation spots alike) with the
+        mean of their neighbouring spots' (see :func:`comtip.tl.predict_expression`); 0 (default) is EVAL.md's
+        protocol, each spot alone.
 
     Returns
     -------
@@ -115,9 +124,10 @@ def evaluate(
     mse_hvg50, mse_heg250, recall_at5}}, "panels": ..., "n_train_spots", "n_eval_spots", "seconds": ...}``.
     """
     from ..pp import eval_panels, log_depth, log_normalized
-    from ._embed import image_embeddings
+    from ._embed import check_spatial_context, image_embeddings
     from ._predict import _zero_shot
 
+    check_spatial_context(spatial_context)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         msg = f"Unknown methods {unknown}; choose from {METHODS}."
@@ -144,7 +154,14 @@ def evaluate(
     if need_comtip:
         t = time.perf_counter()
         e_te = image_embeddings(
-            model, te_spots, te_names, batch_size=batch_size, device=device, dihedral=dihedral, num_workers=0
+            model,
+            te_spots,
+            te_names,
+            batch_size=batch_size,
+            device=device,
+            dihedral=dihedral,
+            num_workers=0,
+            spatial_context=spatial_context,
         )
         secs["comtip_embed_eval"] = time.perf_counter() - t
     if "comtip_zero_shot" in methods:
@@ -175,6 +192,7 @@ def evaluate(
             dihedral=dihedral,
             num_workers=0,
             prompt=False,
+            spatial_context=spatial_context,
         )
         secs["comtip_embed_train"] = time.perf_counter() - t
         for m in ("comtip_retrieval", "comtip_probe"):
@@ -188,7 +206,7 @@ def evaluate(
         if not wanted:
             continue
         t = time.perf_counter()
-        kw = {"batch_size": batch_size, "device": device, "dihedral": averaged}
+        kw = {"batch_size": batch_size, "device": device, "dihedral": averaged, "spatial_context": spatial_context}
         f_tr = _imagenet_features(tr_spots, tr_names, **kw)
         f_te = _imagenet_features(te_spots, te_names, **kw)
         secs[f"imagenet_features{suffix}"] = time.perf_counter() - t
@@ -208,6 +226,7 @@ def evaluate(
         "n_train_spots": len(tr_names),
         "n_eval_spots": len(te_names),
         "dihedral": dihedral,
+        "spatial_context": spatial_context,
         "seconds": {k: round(v, 1) for k, v in secs.items()} | {"evaluate": round(time.perf_counter() - t0, 1)},
     }
 

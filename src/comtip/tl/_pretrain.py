@@ -394,10 +394,11 @@ def pretrain(
 
 
 def _store_reference(model, train_ds, sdata, *, tiles_key: str, table_key: str, obs_names: list[str]) -> None:
-    """Keep the training spots' image embeddings (8-fold dihedral average) and panel expression in the model."""
+    """Keep the training spots' image embeddings (8-fold dihedral average), panel expression and positions."""
     import torch
 
     from ..train import PrefixFeatureDataset
+    from ._data import Spots
 
     if isinstance(train_ds, PrefixFeatureDataset):
         from ..model._inference import embed_prefix_features
@@ -405,7 +406,6 @@ def _store_reference(model, train_ds, sdata, *, tiles_key: str, table_key: str, 
         emb = embed_prefix_features(model, train_ds.features)["image"]
         expr = train_ds.dataset.expr
     else:
-        from ._data import Spots
         from ._embed import image_embeddings
 
         spots = Spots(sdata, sdata.tables[table_key], np.asarray(obs_names, dtype=object), tiles_key)
@@ -413,7 +413,14 @@ def _store_reference(model, train_ds, sdata, *, tiles_key: str, table_key: str, 
             model, spots, list(obs_names), batch_size=64, device=None, dihedral=True, num_workers=0, prompt=False
         )["image"]
         expr = train_ds.expr
+    # spot centres and sections, so that predict_expression(spatial_context=...) can mix the reference spots too
+    xy, regions = Spots(sdata, sdata.tables[table_key], np.asarray(obs_names, dtype=object), tiles_key).centres(
+        list(obs_names)
+    )
+    _, section = np.unique(regions, return_inverse=True)
     model.reference = {
         "embeddings": torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)),
         "expression": torch.from_numpy(np.ascontiguousarray(expr, dtype=np.float32)),
+        "xy": torch.from_numpy(np.ascontiguousarray(xy, dtype=np.float64)),
+        "section": torch.from_numpy(np.ascontiguousarray(section, dtype=np.int64)),
     }
