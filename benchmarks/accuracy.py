@@ -89,9 +89,9 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--spatial-context",
         type=float,
-        default=0.0,
-        help="mix every method's image features with the mean of the neighbouring spots' (0: EVAL.md, each spot alone; "
-        "0.5: half and half)",
+        default=0.5,
+        help="mix every method's image features with the mean of the neighbouring spots' (0: EVAL.md to the letter, each spot alone; "
+        "0.5, the default: half and half)",
     )
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--json", default=None)

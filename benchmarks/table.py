@@ -39,7 +39,8 @@ def render(result: dict) -> str:
         f"Train {', '.join(result['train'])} ({result.get('n_train_spots')} spots) → evaluate "
         f"{', '.join(result['eval'])} ({result.get('n_eval_spots')} spots). Machine: {m.get('cpus')} CPU cores "
         f"({m.get('cpu_model')}), GPU {m.get('gpu')}, torch {m.get('torch')}, comtip {m.get('comtip')}. "
-        f"Training {result.get('train_s')} s; whole run {result.get('wall_s')} s; peak RSS {result.get('peak_rss_mb')} MB."
+        f"Training {result.get('train_s')} s; whole run {result.get('wall_s')} s; peak RSS {result.get('peak_rss_mb')} MB. "
+        f"Spatial context {result.get('spatial_context', 0.0)} for every method (0: each spot alone)."
     )
     return "\n".join(lines)
 

@@ -292,12 +292,12 @@ def test_evaluate_scores_every_method_on_one_panel(trained, test_sdata):
     assert res["methods"]["imagenet_retrieval_dihedral"] != res["methods"]["imagenet_retrieval"]
     with pytest.raises(ValueError, match="Unknown methods"):
         evaluate(model, train, test_sdata, methods=["imagenet_probe_flipped"])
-    # spatial context reaches CoMTIP's and the baselines' features alike
+    # spatial context (0.5 by default) reaches CoMTIP's and the baselines' features alike
     some = ["comtip_probe", "imagenet_probe"]
-    ctx = evaluate(model, train, test_sdata, methods=some, spatial_context=0.5, shuffled_control=False, batch_size=32)
-    assert ctx["spatial_context"] == 0.5 and res["spatial_context"] == 0.0
+    alone = evaluate(model, train, test_sdata, methods=some, spatial_context=0, shuffled_control=False, batch_size=32)
+    assert res["spatial_context"] == 0.5 and alone["spatial_context"] == 0
     for m in some:
-        assert ctx["methods"][m]["pcc_hvg50"] != res["methods"][m]["pcc_hvg50"], m
+        assert alone["methods"][m]["pcc_hvg50"] != res["methods"][m]["pcc_hvg50"], m
 
 
 def test_dihedral_mean_is_invariant_to_flips_and_rotations():
@@ -335,6 +335,9 @@ def test_neighbour_average_known_answer():
 
 def test_spatial_context_mixes_each_spot_with_its_neighbours(model, test_sdata, trained):
     """predict_expression(spatial_context=w) predicts from (1 - w) * own + w * neighbours' mean embedding."""
+    import inspect
+
+    assert inspect.signature(ct.tl.predict_expression).parameters["spatial_context"].default == 0.5
     from comtip._spatial import neighbour_average
     from comtip.tl._data import resolve_spots
     from comtip.tl._embed import image_embeddings
@@ -360,7 +363,9 @@ def test_spatial_context_mixes_each_spot_with_its_neighbours(model, test_sdata, 
     ct.tl.predict_expression(
         test_sdata, model, method="probe", genes=genes, dihedral=False, spatial_context=0.5, layer_added="p0"
     )
-    ct.tl.predict_expression(test_sdata, model, method="probe", genes=genes, dihedral=False, layer_added="p1")
+    ct.tl.predict_expression(
+        test_sdata, model, method="probe", genes=genes, dihedral=False, spatial_context=0, layer_added="p1"
+    )
     assert not np.allclose(table.layers["p0"][pos], table.layers["p1"][pos], equal_nan=True)
     before = set(table.layers)
     old = copy.deepcopy(model)  # as saved before positions were stored

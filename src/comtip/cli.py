@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--spatial-context",
         type=float,
-        default=0.0,
-        help="mix each spot's image embedding with its neighbours' mean: 0 = alone (default), 0.5 = half and half",
+        default=0.5,
+        help="mix each spot's image embedding with its neighbours' mean: 0 = alone, 0.5 = half and half (default)",
     )
     s.add_argument("--score", action="store_true", help="also score against the measured expression")
     s.add_argument("--output", default=None, help="output .h5ad (table) or .zarr (whole SpatialData)")
@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--spatial-context",
         type=float,
-        default=0.0,
-        help="mix every method's image features with the neighbouring spots' mean: 0 = alone (default), 0.5 = half and half",
+        default=0.5,
+        help="mix every method's image features with the neighbouring spots' mean: 0 = alone, 0.5 = half and half (default)",
     )
     s.add_argument("--json", default=None, help="write the results here")
     s.set_defaults(func=cmd_evaluate)

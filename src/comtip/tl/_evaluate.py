@@ -86,7 +86,7 @@ def evaluate(
     methods: Sequence[str] = METHODS,
     shuffled_control: bool = True,
     dihedral: bool = True,
-    spatial_context: float = 0.0,
+    spatial_context: float = C.SPATIAL_CONTEXT,
     table_key: str = C.TABLE_KEY,
     tiles_key: str = C.TILES_KEY,
     batch_size: int = 64,
@@ -115,8 +115,8 @@ def evaluate(
         does by default).
     spatial_context
         Mix every method's image features (CoMTIP's and ImageNet's, training and evaluation spots alike) with the
-        mean of their neighbouring spots' (see :func:`comtip.tl.predict_expression`); 0 (default) is EVAL.md's
-        protocol, each spot alone.
+        mean of their neighbouring spots' (see :func:`comtip.tl.predict_expression`, whose default it shares). 0 is
+        EVAL.md's protocol to the letter, each spot alone.
 
     Returns
     -------

@@ -139,7 +139,7 @@ def predict_expression(
     n_levels: int | None = None,
     k: int = 50,
     dihedral: bool = True,
-    spatial_context: float = 0.0,
+    spatial_context: float = C.SPATIAL_CONTEXT,
     descriptions: Mapping[str, str] | None = None,
     table_key: str = C.TABLE_KEY,
     tiles_key: str = C.TILES_KEY,
@@ -182,9 +182,9 @@ def predict_expression(
         Mix each spot's image embedding with the mean of its neighbours' before predicting:
         ``(1 - spatial_context) * own + spatial_context * mean(neighbours)``, where the neighbours are the spots of
         the same section within 1.5 spot spacings (the 8 around a spot of an ST grid, the 6 of a Visium grid).
-        Expression varies smoothly across tissue, so a spot's surroundings help; 0.5 (chosen on the validation
-        section C5) raised zero-shot and probe correlations on HER2ST's held-out C6 (see the benchmarks page).
-        0 (default) predicts each spot from its own tile. For ``"retrieval"``/``"probe"`` the reference spots are
+        Expression varies smoothly across tissue, so a spot's surroundings help: the default 0.5 was chosen on the
+        validation section C5 and raised zero-shot and probe correlations on HER2ST's held-out C6 in three of
+        three training seeds (see the benchmarks page). 0 predicts each spot from its own tile alone. For ``"retrieval"``/``"probe"`` the reference spots are
         mixed the same way (the model's stored training reference keeps their positions; models saved by comtip
         before it did need ``reference=``).
     descriptions
