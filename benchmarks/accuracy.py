@@ -84,7 +84,8 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--no-dihedral",
         action="store_true",
-        help="score CoMTIP on one view of each tile instead of the mean of its 8 flips/rotations",
+        help="score CoMTIP on one view of each tile instead of the mean of its 8 flips/rotations "
+        "(the *_dihedral baselines are then left out unless --methods names them)",
     )
     p.add_argument(
         "--spatial-context",
@@ -93,14 +94,16 @@ def main(argv=None) -> dict:
         help="mix every method's image features with the mean of the neighbouring spots' (0: EVAL.md to the letter, each spot alone; "
         "0.5, the default: half and half)",
     )
-    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument(
+        "--methods", nargs="+", default=None, help="methods to score (default: all; see comtip.tl._evaluate.METHODS)"
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     import torch
 
     import comtip as ct
-    from comtip.tl._evaluate import METHODS, evaluate
+    from comtip.tl._evaluate import evaluate
 
     torch.set_num_threads(os.cpu_count() or 1)
     ct.settings.show_progress_bar = sys.stderr.isatty()
@@ -131,7 +134,7 @@ def main(argv=None) -> dict:
             model,
             train,
             test,
-            methods=args.methods or METHODS,
+            methods=args.methods,
             dihedral=not args.no_dihedral,
             spatial_context=args.spatial_context,
         )

@@ -292,6 +292,9 @@ def test_evaluate_scores_every_method_on_one_panel(trained, test_sdata):
     assert res["methods"]["imagenet_retrieval_dihedral"] != res["methods"]["imagenet_retrieval"]
     with pytest.raises(ValueError, match="Unknown methods"):
         evaluate(model, train, test_sdata, methods=["imagenet_probe_flipped"])
+    # without test-time averaging, the averaged baselines are not the matching comparison and are left out
+    one_view = evaluate(model, train, test_sdata, dihedral=False, shuffled_control=False, batch_size=32)
+    assert set(one_view["methods"]) == {m for m in METHODS if not m.endswith("_dihedral")}
     # spatial context (0.5 by default) reaches CoMTIP's and the baselines' features alike
     some = ["comtip_probe", "imagenet_probe"]
     alone = evaluate(model, train, test_sdata, methods=some, spatial_context=0, shuffled_control=False, batch_size=32)

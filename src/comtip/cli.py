@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--no-dihedral",
         action="store_true",
-        help="score CoMTIP on one view of each tile instead of the mean of its 8 flips/rotations",
+        help="score CoMTIP on one view of each tile instead of the mean of its 8 flips/rotations "
+        "(the *_dihedral baselines are then left out)",
     )
     s.add_argument(
         "--spatial-context",

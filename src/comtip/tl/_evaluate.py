@@ -83,7 +83,7 @@ def evaluate(
     train,
     test,
     *,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     shuffled_control: bool = True,
     dihedral: bool = True,
     spatial_context: float = C.SPATIAL_CONTEXT,
@@ -107,7 +107,8 @@ def evaluate(
         Subset of ``comtip_zero_shot, comtip_retrieval, comtip_probe, imagenet_probe, imagenet_retrieval,
         imagenet_probe_dihedral, imagenet_retrieval_dihedral, mean``. The ``*_dihedral`` baselines average the
         ImageNet features over the 8 flips/rotations of each tile, the test-time averaging that ``dihedral`` gives
-        CoMTIP (EVAL.md's baselines use one view).
+        CoMTIP (EVAL.md's baselines use one view). ``None`` (default): all of them, less the ``*_dihedral``
+        baselines when ``dihedral`` is off (CoMTIP then reads one view too).
     shuffled_control
         Also score ``comtip_zero_shot`` with the image embeddings shuffled across spots (should be ~0).
     dihedral
@@ -128,6 +129,8 @@ def evaluate(
     from ._predict import _zero_shot
 
     check_spatial_context(spatial_context)
+    if methods is None:
+        methods = METHODS if dihedral else tuple(m for m in METHODS if not m.endswith("_dihedral"))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         msg = f"Unknown methods {unknown}; choose from {METHODS}."
