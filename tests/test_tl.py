@@ -370,11 +370,14 @@ def test_spatial_context_mixes_each_spot_with_its_neighbours(model, test_sdata, 
         test_sdata, model, method="probe", genes=genes, dihedral=False, spatial_context=0, layer_added="p1"
     )
     assert not np.allclose(table.layers["p0"][pos], table.layers["p1"][pos], equal_nan=True)
-    before = set(table.layers)
-    old = copy.deepcopy(model)  # as saved before positions were stored
+    # a model saved before positions were stored: each spot alone, and the user is told
+    old = copy.deepcopy(model)
     old.reference = {k: old.reference[k] for k in ("embeddings", "expression")}
-    with pytest.raises(ValueError, match=r"spatial_context.*no spot positions.*reference="):
-        ct.tl.predict_expression(test_sdata, old, method="probe", genes=genes, spatial_context=0.5, layer_added="p")
+    with pytest.warns(UserWarning, match=r"no spot positions.*spatial_context=0.*reference="):
+        ct.tl.predict_expression(test_sdata, old, method="probe", genes=genes, dihedral=False, layer_added="p2")
+    np.testing.assert_array_equal(table.layers["p2"], table.layers["p1"])
+    assert table.uns["comtip"]["predict_expression"]["spatial_context"] == 0.0
+    before = set(table.layers)
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="spatial_context must be between 0"):
             ct.tl.predict_expression(test_sdata, model, genes=genes, spatial_context=bad, layer_added="p")

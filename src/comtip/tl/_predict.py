@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -62,16 +63,6 @@ def _zero_shot(model, prompt_emb: np.ndarray, genes: list[str], *, descriptions,
     return pred.float().cpu().numpy()
 
 
-def _check_stored_positions(ref: dict, spatial_context: float) -> None:
-    if "xy" not in ref:
-        msg = (
-            f"spatial_context={spatial_context} mixes the reference spots' embeddings with their neighbours' too, and "
-            "this model's stored training reference has no spot positions (saved by an earlier comtip): pass "
-            "reference= (a SpatialData/AnnData with tiles and counts), or spatial_context=0."
-        )
-        raise ValueError(msg)
-
-
 def _reference(
     model,
     reference,
@@ -100,7 +91,6 @@ def _reference(
         idx = [model.genes.index(g) for g in genes]
         emb = ref["embeddings"].cpu().numpy()
         if spatial_context:
-            _check_stored_positions(ref, spatial_context)
             from .._spatial import neighbour_average
 
             emb = neighbour_average(
@@ -185,8 +175,8 @@ def predict_expression(
         Expression varies smoothly across tissue, so a spot's surroundings help: the default 0.5 was chosen on the
         validation section C5 and raised zero-shot and probe correlations on HER2ST's held-out C6 in three of
         three training seeds (see the benchmarks page). 0 predicts each spot from its own tile alone. For ``"retrieval"``/``"probe"`` the reference spots are
-        mixed the same way (the model's stored training reference keeps their positions; models saved by comtip
-        before it did need ``reference=``).
+        mixed the same way (the model's stored training reference keeps their positions; with a model saved by an
+        earlier comtip, whose reference has none, each spot is predicted alone, with a warning).
     descriptions
         ``{gene: text}`` for genes without an entry in comtip's gene-text table.
     table_key, tiles_key
@@ -227,8 +217,17 @@ def predict_expression(
         msg = "genes has duplicates."
         raise ValueError(msg)
     check_spatial_context(spatial_context)
-    if spatial_context and method != "zero_shot" and reference is None and getattr(model, "reference", None):
-        _check_stored_positions(model.reference, spatial_context)  # before any heavy work
+    stored = getattr(model, "reference", None)
+    if spatial_context and method != "zero_shot" and reference is None and stored and "xy" not in stored:
+        warnings.warn(
+            f"This model's stored training reference has no spot positions (it was saved by an earlier comtip), so "
+            f"its spots cannot be mixed with their neighbours: predicting each spot alone (spatial_context=0 instead "
+            f"of {spatial_context}). Pass reference= (a SpatialData/AnnData with tiles and counts) for spatial context, "
+            "or retrain the model.",
+            UserWarning,
+            stacklevel=2,
+        )
+        spatial_context = 0.0
     if method == "zero_shot":
         # fail early on genes that cannot be prompted, before any heavy work
         from ..pp import gene_text
