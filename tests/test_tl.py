@@ -378,7 +378,7 @@ def test_spatial_context_mixes_each_spot_with_its_neighbours(model, test_sdata, 
     np.testing.assert_array_equal(table.layers["p2"], table.layers["p1"])
     assert table.uns["comtip"]["predict_expression"]["spatial_context"] == 0.0
     before = set(table.layers)
-    for bad in (-0.1, 1.5):
+    for bad in (-0.1, 1.5, float("nan"), None, "half"):
         with pytest.raises(ValueError, match="spatial_context must be between 0"):
             ct.tl.predict_expression(test_sdata, model, genes=genes, spatial_context=bad, layer_added="p")
     assert set(table.layers) == before  # nothing written

@@ -55,7 +55,11 @@ def image_embeddings(
 
 def check_spatial_context(spatial_context: float) -> None:
     """``spatial_context`` must be a share in [0, 1]."""
-    if not 0.0 <= float(spatial_context) <= 1.0:
+    try:
+        ok = 0.0 <= float(spatial_context) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         msg = (
             f"spatial_context must be between 0 (each spot alone) and 1 (only its neighbours' mean), got "
             f"{spatial_context!r}; 0.5 mixes a spot's own image embedding half and half with its neighbours'."
