@@ -28,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import Timer, emit, machine, peak_rss_mb
 
+from comtip._constants import SPATIAL_CONTEXT
+
 
 def _value(v: str):
     """A command-line value: JSON (``false``, ``null``, ``3e-4``), a Python literal (``False``, ``None``) or a string."""
@@ -90,7 +92,7 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--spatial-context",
         type=float,
-        default=0.5,
+        default=SPATIAL_CONTEXT,
         help="mix every method's image features with the mean of the neighbouring spots' (0: EVAL.md to the letter, each spot alone; "
         "0.5, the default: half and half)",
     )

@@ -39,12 +39,10 @@ def main(argv=None) -> dict:
 
     import comtip as ct
     from comtip import _constants as C
-    from comtip._metrics import pearson_depth_adjusted, pearson_per_gene
     from comtip._spatial import neighbour_average
     from comtip.tl._embed import image_embeddings
-    from comtip.tl._evaluate import _imagenet_features, _spots
+    from comtip.tl._evaluate import _imagenet_features, _metrics, _reference_predict, _spots
     from comtip.tl._predict import _zero_shot
-    from comtip.tl._reference import ridge_probe
 
     torch.set_num_threads(os.cpu_count() or 1)
     ct.settings.show_progress_bar = sys.stderr.isatty()
@@ -69,23 +67,15 @@ def main(argv=None) -> dict:
             }
         xy, groups = spots.centres(names)
 
-        def scores(pred):
-            yt = y[val]
-            out = {}
-            for k, gi in idx.items():
-                out[f"pcc_{k}"] = round(float(np.mean(pearson_per_gene(pred[:, gi], yt[:, gi]))), 4)
-                out[f"pcc_{k}_adj"] = round(float(np.mean(pearson_depth_adjusted(pred[:, gi], yt[:, gi], depth))), 4)
-            return out
+        def scores(pred):  # EVAL.md's metrics on the validation spots, as evaluate() computes them
+            return {k: round(v, 4) for k, v in _metrics(pred, y[val], depth, idx).items()}
 
         rows = []
         for w in args.weights:
             row = {"spatial_context": w}
             for name, f in feats.items():
                 fw = neighbour_average(f, xy, groups, weight=w)
-                pred = np.zeros((int(val.sum()), len(genes)))
-                for gi in idx.values():
-                    pred[:, gi] = ridge_probe(fw[fit], y[fit][:, gi], fw[val])[0]
-                row[f"{name}_probe"] = scores(pred)
+                row[f"{name}_probe"] = scores(_reference_predict("probe", fw[fit], y[fit], fw[val], idx, genes))
             pw = neighbour_average(e["prompt"], xy, groups, weight=w).astype(np.float32)
             row["comtip_zero_shot"] = scores(_zero_shot(model, pw[val], genes, descriptions=None, n_levels=None))
             rows.append(row)

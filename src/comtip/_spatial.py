@@ -116,9 +116,9 @@ def neighbour_average(
         spacing = nearest_neighbour_spacing(xy[m])
         if not np.isfinite(spacing) or spacing <= 0:
             continue
-        adj = cKDTree(xy[m]).sparse_distance_matrix(cKDTree(xy[m]), radius * spacing, output_type="coo_matrix")
-        keep = adj.row != adj.col
-        adj = sparse.csr_matrix((np.ones(keep.sum()), (adj.row[keep], adj.col[keep])), shape=(len(m), len(m)))
+        pairs = cKDTree(xy[m]).query_pairs(radius * spacing, output_type="ndarray")  # i < j, no self-pairs
+        adj = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(m), len(m))).tocsr()
+        adj = adj + adj.T
         deg = np.asarray(adj.sum(1)).ravel()
         has = deg > 0
         nb_mean = (adj @ out[m])[has] / deg[has, None]

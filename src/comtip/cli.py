@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import _constants as C
+
 EPILOG = """Data: a SpatialData folder (.zarr), a scanpy AnnData with uns['spatial'] (.h5ad), or a named dataset
 (--dataset her2st --sections C2 C3, read from --data-dir / $COMTIP_DATA_DIR). Run 'comtip <command> --help'."""
 
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--spatial-context",
         type=float,
-        default=0.5,
+        default=C.SPATIAL_CONTEXT,
         help="mix each spot's image embedding with its neighbours' mean: 0 = alone, 0.5 = half and half (default)",
     )
     s.add_argument("--score", action="store_true", help="also score against the measured expression")
@@ -313,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--spatial-context",
         type=float,
-        default=0.5,
+        default=C.SPATIAL_CONTEXT,
         help="mix every method's image features with the neighbouring spots' mean: 0 = alone, 0.5 = half and half (default)",
     )
     s.add_argument("--json", default=None, help="write the results here")

@@ -122,7 +122,8 @@ def evaluate(
     Returns
     -------
     ``{"methods": {name: {pcc_hvg50, pcc_heg250, pcc_hvg50_adj, pcc_heg250_adj, spearman_hvg50, spearman_heg250,
-    mse_hvg50, mse_heg250, recall_at5}}, "panels": ..., "n_train_spots", "n_eval_spots", "seconds": ...}``.
+    mse_hvg50, mse_heg250, recall_at5}}, "panels": ..., "n_train_spots", "n_eval_spots", "dihedral",
+    "spatial_context", "seconds": ...}``.
     """
     from ..pp import eval_panels, log_depth, log_normalized
     from ._embed import check_spatial_context, image_embeddings

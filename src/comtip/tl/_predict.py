@@ -174,9 +174,10 @@ def predict_expression(
         the same section within 1.5 spot spacings (the 8 around a spot of an ST grid, the 6 of a Visium grid).
         Expression varies smoothly across tissue, so a spot's surroundings help: the default 0.5 was chosen on the
         validation section C5 and raised zero-shot and probe correlations on HER2ST's held-out C6 in three of
-        three training seeds (see the benchmarks page). 0 predicts each spot from its own tile alone. For ``"retrieval"``/``"probe"`` the reference spots are
-        mixed the same way (the model's stored training reference keeps their positions; with a model saved by an
-        earlier comtip, whose reference has none, each spot is predicted alone, with a warning).
+        three training seeds (see the benchmarks page). 0 predicts each spot from its own tile alone. For
+        ``"retrieval"``/``"probe"`` the reference spots are mixed the same way (the model's stored training
+        reference keeps their positions; with a model saved by an earlier comtip, whose reference has none, each
+        spot is predicted alone, with a warning).
     descriptions
         ``{gene: text}`` for genes without an entry in comtip's gene-text table.
     table_key, tiles_key

@@ -400,6 +400,7 @@ def _store_reference(model, train_ds, sdata, *, tiles_key: str, table_key: str, 
     from ..train import PrefixFeatureDataset
     from ._data import Spots
 
+    spots = Spots(sdata, sdata.tables[table_key], np.asarray(obs_names, dtype=object), tiles_key)
     if isinstance(train_ds, PrefixFeatureDataset):
         from ..model._inference import embed_prefix_features
 
@@ -408,15 +409,12 @@ def _store_reference(model, train_ds, sdata, *, tiles_key: str, table_key: str, 
     else:
         from ._embed import image_embeddings
 
-        spots = Spots(sdata, sdata.tables[table_key], np.asarray(obs_names, dtype=object), tiles_key)
         emb = image_embeddings(
             model, spots, list(obs_names), batch_size=64, device=None, dihedral=True, num_workers=0, prompt=False
         )["image"]
         expr = train_ds.expr
     # spot centres and sections, so that predict_expression(spatial_context=...) can mix the reference spots too
-    xy, regions = Spots(sdata, sdata.tables[table_key], np.asarray(obs_names, dtype=object), tiles_key).centres(
-        list(obs_names)
-    )
+    xy, regions = spots.centres(list(obs_names))
     _, section = np.unique(regions, return_inverse=True)
     model.reference = {
         "embeddings": torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)),
