@@ -25,7 +25,7 @@ def test_no_current_model_error(test_sdata):
 
 
 def test_pretrain_sets_current_model_and_history(trained):
-    model, _ = trained
+    model, train = trained
     assert model.is_trained
     s = model.training_summary
     best = s["stages"][1]["best_epoch"]  # the read-out is refitted on training + validation spots for best + 1 epochs
@@ -45,6 +45,10 @@ def test_pretrain_sets_current_model_and_history(trained):
     assert s["sections"] == ["S1", "S2"]
     assert s["validation_sections"] == ["S3"]
     assert set(s["eval_panels"]) == {"hvg50", "heg250"}
+    # score_expression's panels: those of the training and validation sections together, as benchmarks/accuracy.py's
+    table = train.tables["table"]
+    seen = ct.pp.eval_panels(table[table.obs["section"].isin(s["sections"] + s["validation_sections"]).to_numpy()])
+    assert s["eval_panels"] == {"hvg50": seen["hvg50"], "heg250": seen["heg250"]}
     assert model.reference["embeddings"].shape == (72, model.embed_dim)
     assert model.reference["expression"].shape == (72, model.n_genes)
     assert model.reference["xy"].shape == (72, 2) and set(model.reference["section"].tolist()) == {0, 1}
@@ -301,6 +305,44 @@ def test_evaluate_scores_every_method_on_one_panel(trained, test_sdata):
     assert res["spatial_context"] == 0.5 and alone["spatial_context"] == 0
     for m in some:
         assert alone["methods"][m]["pcc_hvg50"] != res["methods"][m]["pcc_hvg50"], m
+    # the shared-space Recall@5 is that of ct.tl.embed + ct.tl.retrieve
+    ct.tl.embed(test_sdata, model, dihedral=True)
+    hits = ct.tl.retrieve(test_sdata, query="image", k=5)
+    assert res["methods"]["comtip_zero_shot"]["recall_at5"] == pytest.approx(hits["hit"].mean(), abs=1e-4)
+
+
+def test_evaluate_recall_ranks_each_spots_own_image_embedding(trained, test_sdata, monkeypatch):
+    """Spatial context mixes the embeddings that predict, not the one that Recall@5 ranks (as ct.tl.retrieve)."""
+    import comtip.tl._embed as embed_module
+    from comtip.tl._evaluate import embed_gene_sentences, evaluate
+
+    model, train = trained
+    genes = embed_gene_sentences(model, test_sdata.tables["table"])
+    real = embed_module.image_embeddings
+
+    def aligned(model, spots, names, **kw):  # a perfectly aligned model on the evaluation spots: Recall@5 = 1
+        out = real(model, spots, names, **kw)
+        if len(names) == len(genes):
+            mixed = embed_module.with_spatial_context({"image": genes}, spots, names, kw.get("spatial_context", 0))
+            out["image"] = mixed["image"]
+        return out
+
+    monkeypatch.setattr(embed_module, "image_embeddings", aligned)
+    for w in (0, 0.5):
+        res = evaluate(model, train, test_sdata, methods=["comtip_zero_shot"], spatial_context=w, batch_size=32)
+        assert res["methods"]["comtip_zero_shot"]["recall_at5"] == 1.0, w
+    # the neighbours' mean alone would find mostly the neighbours
+    mixed = embed_module.with_spatial_context({"image": genes}, *_spots_of(test_sdata), 1.0)["image"]
+    from comtip._metrics import recall_at_k
+
+    assert recall_at_k(mixed, genes, 5) < 1.0
+
+
+def _spots_of(sdata):
+    from comtip.tl._evaluate import _spots
+
+    spots, names = _spots(sdata, "table", "comtip_tiles")
+    return spots, names
 
 
 def test_dihedral_mean_is_invariant_to_flips_and_rotations():

@@ -117,7 +117,8 @@ def evaluate(
     spatial_context
         Mix every method's image features (CoMTIP's and ImageNet's, training and evaluation spots alike) with the
         mean of their neighbouring spots' (see :func:`comtip.tl.predict_expression`, whose default it shares). 0 is
-        EVAL.md's protocol to the letter, each spot alone.
+        EVAL.md's protocol to the letter, each spot alone. CoMTIP's shared-space ``recall_at5`` ranks each spot's own
+        image embedding either way, the one :func:`comtip.tl.embed` writes and :func:`comtip.tl.retrieve` ranks.
 
     Returns
     -------
@@ -126,7 +127,7 @@ def evaluate(
     "spatial_context", "seconds": ...}``.
     """
     from ..pp import eval_panels, log_depth, log_normalized
-    from ._embed import check_spatial_context, image_embeddings
+    from ._embed import check_spatial_context, image_embeddings, with_spatial_context
     from ._predict import _zero_shot
 
     check_spatial_context(spatial_context)
@@ -165,8 +166,11 @@ def evaluate(
             device=device,
             dihedral=dihedral,
             num_workers=0,
-            spatial_context=spatial_context,
         )
+        # Recall@5 ranks each spot's own image embedding, as ct.tl.embed writes it and ct.tl.retrieve ranks it;
+        # the spatial context is for the predictions
+        own_image = e_te["image"]
+        e_te = with_spatial_context(e_te, te_spots, te_names, spatial_context)
         secs["comtip_embed_eval"] = time.perf_counter() - t
     if "comtip_zero_shot" in methods:
         t = time.perf_counter()
@@ -176,14 +180,14 @@ def evaluate(
         # shared space: image embedding of spot i against the gene-sentence embeddings of all evaluation spots
         emb_rows = embed_gene_sentences(model, te_tab, device=device)
         ok = np.isfinite(emb_rows).all(1)
-        r["recall_at5"] = recall_at_k(e_te["image"][ok], emb_rows[ok], 5)
+        r["recall_at5"] = recall_at_k(own_image[ok], emb_rows[ok], 5)
         r["recall_at5_profile"] = _profile_recall(pred, y_te, mu, sd)
         res["comtip_zero_shot"] = r
         if shuffled_control:
             perm = np.random.default_rng(seed).permutation(len(te_names))
             pred_s = _zero_shot(model, e_te["prompt"][perm], genes, descriptions=None, n_levels=None).astype(np.float64)
             rs = _metrics(pred_s, y_te, depth, idx)
-            rs["recall_at5"] = recall_at_k(e_te["image"][perm][ok], emb_rows[ok], 5)
+            rs["recall_at5"] = recall_at_k(own_image[perm][ok], emb_rows[ok], 5)
             res["comtip_zero_shot_shuffled_images"] = rs
     if "comtip_retrieval" in methods or "comtip_probe" in methods:
         t = time.perf_counter()

@@ -151,7 +151,9 @@ def pretrain(
     -------
     The trained :class:`comtip.CoMTIP`, also set as the current model (:attr:`comtip.settings.model`). Its
     ``history`` holds the loss parts and validation metrics per epoch, its ``training_summary`` the sections,
-    panel, tile size, timings and the HVG50/HEG250 panels of the training spots.
+    panel, tile size, timings and the HVG50/HEG250 panels that :func:`comtip.tl.score_expression` uses: those of
+    every spot the model was fitted or validated on (the training sections of EVAL.md), as in
+    ``benchmarks/accuracy.py``.
 
     Examples
     --------
@@ -224,6 +226,7 @@ def pretrain(
     text = gene_text_embeddings(panel, model=text_model, fallback=True) if config.gene_embedding != "learned" else None
     expr = log_normalized(train_table, layer=layer, genes=panel)
     levels = value_levels(expr, n_levels=config.n_value_levels)
+    # the validation metric's genes: from the training spots alone, so the validation section picks no gene
     panels = eval_panels(train_table, layer=layer)
     torch.manual_seed(seed)
     model = CoMTIP(config, panel, text, levels)
@@ -382,7 +385,7 @@ def pretrain(
             "readout_epochs": sum(s["epochs"] for s in summary_stages if s["stage"] == "readout"),
             "steps": sum(s["steps"] for s in summary_stages),
             "stages": summary_stages,
-            "eval_panels": {"hvg50": panels["hvg50"], "heg250": panels["heg250"]},
+            "eval_panels": _score_panels(table, train_obs, val_obs, panels, layer=layer),
             "cached_image_features": bool(use_cache),
             "augment": augment,
             "wall_s": round(time.perf_counter() - t_start, 1),
@@ -391,6 +394,14 @@ def pretrain(
     settings.model = model
     logger.info("pretrained %s in %.0f s; it is now the current model", model.name, time.perf_counter() - t_start)
     return model
+
+
+def _score_panels(table, train_obs: list[str], val_obs: list[str], train_panels: dict, *, layer: str | None) -> dict:
+    """HVG50/HEG250 of the training and validation spots together (EVAL.md's training sections)."""
+    from ..pp import eval_panels
+
+    p = eval_panels(table[train_obs + val_obs], layer=layer) if val_obs else train_panels
+    return {"hvg50": list(p["hvg50"]), "heg250": list(p["heg250"])}
 
 
 def _store_reference(model, train_ds, sdata, *, tiles_key: str, table_key: str, obs_names: list[str]) -> None:
