@@ -294,6 +294,10 @@ def test_evaluate_scores_every_method_on_one_panel(trained, test_sdata):
     assert res["methods"]["mean"]["pcc_hvg50"] == 0  # a constant prediction scores 0 by definition
     # the averaged baselines run on other features than the single-view ones
     assert res["methods"]["imagenet_retrieval_dihedral"] != res["methods"]["imagenet_retrieval"]
+    # ... computed in one pass over the 8 views: the same figures as each set computed on its own
+    for m in ("imagenet_retrieval", "imagenet_probe_dihedral"):
+        own = evaluate(model, train, test_sdata, methods=[m], shuffled_control=False, batch_size=32)
+        assert own["methods"][m] == pytest.approx(res["methods"][m], abs=1e-4), m
     with pytest.raises(ValueError, match="Unknown methods"):
         evaluate(model, train, test_sdata, methods=["imagenet_probe_flipped"])
     # without test-time averaging, the averaged baselines are not the matching comparison and are left out
@@ -357,6 +361,9 @@ def test_dihedral_mean_is_invariant_to_flips_and_rotations():
     assert not torch.allclose(encoder(x), encoder(x.flip(-1)))
     torch.testing.assert_close(averaged(x.flip(-1)), averaged(x))
     torch.testing.assert_close(averaged(torch.rot90(x, 1, (-2, -1))), averaged(x))
+    # one pass for both: the untransformed view, then the mean
+    both = DihedralMean(encoder, keep_first=True)(x)
+    torch.testing.assert_close(both, torch.cat([encoder(x), averaged(x)], dim=1))
 
 
 def test_neighbour_average_known_answer():

@@ -150,14 +150,20 @@ class ImageNetEncoder(torch.nn.Module):
 
 
 class DihedralMean(torch.nn.Module):
-    """An image encoder's output averaged over the 8 flips/rotations of its input (test-time averaging)."""
+    """An image encoder's output averaged over the 8 flips/rotations of its input (test-time averaging).
 
-    def __init__(self, encoder: torch.nn.Module) -> None:
+    With ``keep_first``, the output of the untransformed view comes first, concatenated with the mean: ``(N, 2C)``,
+    both from one pass over the 8 views.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, *, keep_first: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
+        self.keep_first = keep_first
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.encoder(v) for v in dihedral_transforms(images)]).mean(0)
+        views = torch.stack([self.encoder(v) for v in dihedral_transforms(images)])
+        return torch.cat([views[0], views.mean(0)], dim=-1) if self.keep_first else views.mean(0)
 
 
 @torch.inference_mode()
