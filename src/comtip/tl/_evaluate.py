@@ -69,11 +69,11 @@ def _imagenet_features(
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))
     feats = feats[inv]
-    parts = {"one": feats[:, : feats.shape[1] // 2], "mean": feats[:, feats.shape[1] // 2 :]}
-    if dihedral != "both":
-        parts = {"f": feats}
-    parts = with_spatial_context(parts, spots, names, spatial_context)
-    return (parts["one"], parts["mean"]) if dihedral == "both" else parts["f"]
+    if dihedral == "both":
+        half = feats.shape[1] // 2
+        parts = with_spatial_context({"one": feats[:, :half], "mean": feats[:, half:]}, spots, names, spatial_context)
+        return parts["one"], parts["mean"]
+    return with_spatial_context({"f": feats}, spots, names, spatial_context)["f"]
 
 
 def _metrics(pred: np.ndarray, true: np.ndarray, depth: np.ndarray, idx: dict[str, np.ndarray]) -> dict[str, float]:
