@@ -2,7 +2,7 @@
 
 Embeds the training sections once (CoMTIP image and prompt embeddings, and the frozen ImageNet features, all
 averaged over the 8 flips/rotations), then for each ``spatial_context`` weight w (``(1 - w) * own + w * mean of the
-spots within 1.5 spot spacings``, ``comtip._spatial.neighbour_average``) scores on the validation section: the
+spots within 1.5 spot spacings``, ``comtip._spatial.neighbour_means``) scores on the validation section: the
 ridge probe fitted on the other training sections (CoMTIP and ImageNet features) and CoMTIP zero-shot. Panels are
 EVAL.md's, from the training sections. Nothing of the evaluation section (C6) is read.
 
@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
 
     import comtip as ct
     from comtip import _constants as C
-    from comtip._spatial import neighbour_average
+    from comtip._spatial import mix_with_neighbours, neighbour_means
     from comtip.tl._embed import image_embeddings
     from comtip.tl._evaluate import _imagenet_features, _metrics, _reference_predict, _spots
     from comtip.tl._predict import _zero_shot
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
                 "comtip": e["image"],
                 "imagenet": _imagenet_features(spots, names, batch_size=64, device=None, dihedral=True),
             }
-        xy, groups = spots.centres(names)
+        means = neighbour_means(*spots.centres(names))  # the neighbour graph, once for every weight
 
         def scores(pred):  # EVAL.md's metrics on the validation spots, as evaluate() computes them
             return {k: round(v, 4) for k, v in _metrics(pred, y[val], depth, idx).items()}
@@ -74,9 +74,9 @@ def main(argv=None) -> dict:
         for w in args.weights:
             row = {"spatial_context": w}
             for name, f in feats.items():
-                fw = neighbour_average(f, xy, groups, weight=w)
+                fw = mix_with_neighbours(f, means, w)
                 row[f"{name}_probe"] = scores(_reference_predict("probe", fw[fit], y[fit], fw[val], idx, genes))
-            pw = neighbour_average(e["prompt"], xy, groups, weight=w).astype(np.float32)
+            pw = mix_with_neighbours(e["prompt"], means, w).astype(np.float32)
             row["comtip_zero_shot"] = scores(_zero_shot(model, pw[val], genes, descriptions=None, n_levels=None))
             rows.append(row)
             print(w, {k: v["pcc_hvg50"] for k, v in row.items() if isinstance(v, dict)}, file=sys.stderr)

@@ -318,7 +318,8 @@ def test_evaluate_scores_every_method_on_one_panel(trained, test_sdata):
 def test_evaluate_recall_ranks_each_spots_own_image_embedding(trained, test_sdata, monkeypatch):
     """Spatial context mixes the embeddings that predict, not the one that Recall@5 ranks (as ct.tl.retrieve)."""
     import comtip.tl._embed as embed_module
-    from comtip.tl._evaluate import embed_gene_sentences, evaluate
+    from comtip._metrics import recall_at_k
+    from comtip.tl._evaluate import _spots, embed_gene_sentences, evaluate
 
     model, train = trained
     genes = embed_gene_sentences(model, test_sdata.tables["table"])
@@ -336,17 +337,8 @@ def test_evaluate_recall_ranks_each_spots_own_image_embedding(trained, test_sdat
         res = evaluate(model, train, test_sdata, methods=["comtip_zero_shot"], spatial_context=w, batch_size=32)
         assert res["methods"]["comtip_zero_shot"]["recall_at5"] == 1.0, w
     # the neighbours' mean alone would find mostly the neighbours
-    mixed = embed_module.with_spatial_context({"image": genes}, *_spots_of(test_sdata), 1.0)["image"]
-    from comtip._metrics import recall_at_k
-
-    assert recall_at_k(mixed, genes, 5) < 1.0
-
-
-def _spots_of(sdata):
-    from comtip.tl._evaluate import _spots
-
-    spots, names = _spots(sdata, "table", "comtip_tiles")
-    return spots, names
+    mixed = embed_module.with_spatial_context({"image": genes}, *_spots(test_sdata, "table", "comtip_tiles"), 1.0)
+    assert recall_at_k(mixed["image"], genes, 5) < 1.0
 
 
 def test_dihedral_mean_is_invariant_to_flips_and_rotations():
@@ -410,7 +402,6 @@ def test_spatial_context_mixes_each_spot_with_its_neighbours(model, test_sdata, 
     alone = _zero_shot(model, emb["prompt"], genes, descriptions=None, n_levels=None)
     assert np.abs(got - alone).max() > 1e-3  # the context changes predictions
 
-    # reference methods mix the reference spots too, so they need a reference with positions
     # the stored training reference keeps its spots' positions, so reference methods mix those spots too
     ct.tl.predict_expression(
         test_sdata, model, method="probe", genes=genes, dihedral=False, spatial_context=0.5, layer_added="p0"

@@ -78,6 +78,45 @@ def nearest_neighbour_spacing(xy: np.ndarray) -> float:
     return float(np.median(d[:, 1]))
 
 
+def neighbour_means(xy: np.ndarray, groups: np.ndarray, *, radius: float = 1.5):
+    """The (n, n) sparse operator whose row i averages the neighbours of point i (row i of the identity if none).
+
+    Neighbours are the other points of the same group (a section) within ``radius`` times that group's spot spacing
+    (median nearest-neighbour distance): with the default 1.5, the 8 spots around a spot of a square ST grid, the 6
+    of a hexagonal Visium grid. Build it once per set of spots and apply it with :func:`mix_with_neighbours`.
+    """
+    from scipy import sparse
+    from scipy.spatial import cKDTree
+
+    xy, groups = np.asarray(xy, dtype=float), np.asarray(groups)
+    n = len(xy)
+    rows, cols = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for g in np.unique(groups):
+        m = np.flatnonzero(groups == g)
+        spacing = nearest_neighbour_spacing(xy[m])
+        if not np.isfinite(spacing) or spacing <= 0:
+            continue
+        pairs = cKDTree(xy[m]).query_pairs(radius * spacing, output_type="ndarray")  # i < j, no self-pairs
+        rows += [m[pairs[:, 0]], m[pairs[:, 1]]]
+        cols += [m[pairs[:, 1]], m[pairs[:, 0]]]
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    adj = sparse.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, n))
+    deg = np.asarray(adj.sum(1)).ravel()
+    lone = (deg == 0).astype(float)
+    return (sparse.diags(1.0 / np.maximum(deg, 1)) @ adj + sparse.diags(lone)).tocsr()
+
+
+def mix_with_neighbours(values: np.ndarray, means, weight: float) -> np.ndarray:
+    """``(1 - weight) * own + weight * mean(neighbours)`` of each row, with ``means`` from :func:`neighbour_means`.
+
+    Rows without a neighbour are returned exactly as they are. Returns a new float array.
+    """
+    out = np.array(values, dtype=float, copy=True)
+    if weight:
+        out += weight * (means @ out - out)
+    return out
+
+
 def neighbour_average(
     values: np.ndarray, xy: np.ndarray, groups: np.ndarray, *, weight: float, radius: float = 1.5
 ) -> np.ndarray:
@@ -85,7 +124,8 @@ def neighbour_average(
 
     Neighbours are the other points of the same group (a section) within ``radius`` times that group's spot spacing
     (median nearest-neighbour distance): with the default 1.5, the 8 spots around a spot of a square ST grid, the 6
-    of a hexagonal Visium grid. Points without a neighbour keep their own row.
+    of a hexagonal Visium grid. Points without a neighbour keep their own row. To mix several arrays of the same
+    spots, build :func:`neighbour_means` once and use :func:`mix_with_neighbours`.
 
     Parameters
     ----------
@@ -104,24 +144,6 @@ def neighbour_average(
     -------
     A new (n, d) float array.
     """
-    from scipy import sparse
-    from scipy.spatial import cKDTree
-
-    out = np.array(values, dtype=float, copy=True)
-    if weight == 0 or len(out) < 2:
-        return out
-    groups = np.asarray(groups)
-    for g in np.unique(groups):
-        m = np.flatnonzero(groups == g)
-        spacing = nearest_neighbour_spacing(xy[m])
-        if not np.isfinite(spacing) or spacing <= 0:
-            continue
-        pairs = cKDTree(xy[m]).query_pairs(radius * spacing, output_type="ndarray")  # i < j, no self-pairs
-        adj = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(m), len(m))).tocsr()
-        adj = adj + adj.T
-        deg = np.asarray(adj.sum(1)).ravel()
-        has = deg > 0
-        nb_mean = (adj @ out[m])[has] / deg[has, None]
-        rows = m[has]
-        out[rows] = (1 - weight) * out[rows] + weight * nb_mean
-    return out
+    if weight == 0 or len(values) < 2:
+        return np.array(values, dtype=float, copy=True)
+    return mix_with_neighbours(values, neighbour_means(xy, groups, radius=radius), weight)

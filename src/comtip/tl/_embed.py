@@ -29,7 +29,7 @@ def image_embeddings(
     """Run the image tower over the tiles of ``obs_names`` (read in batches); both embedding spaces.
 
     With ``spatial_context`` > 0, each embedding is mixed with the mean of its neighbouring spots' embeddings (among
-    ``obs_names``, same section; :func:`comtip._spatial.neighbour_average`).
+    ``obs_names``, same section; :func:`comtip._spatial.neighbour_means`).
     """
     from .._progress import progress
     from ..data import SpotDataset, make_loader
@@ -73,13 +73,10 @@ def with_spatial_context(
     """Each array's rows mixed with their spatial neighbours' mean (unchanged when ``spatial_context`` is 0)."""
     if not spatial_context:
         return arrays
-    from .._spatial import neighbour_average
+    from .._spatial import mix_with_neighbours, neighbour_means
 
-    xy, groups = spots.centres(obs_names)
-    return {
-        k: neighbour_average(v, xy, groups, weight=spatial_context).astype(v.dtype, copy=False)
-        for k, v in arrays.items()
-    }
+    means = neighbour_means(*spots.centres(obs_names))  # one neighbour graph for every array
+    return {k: mix_with_neighbours(v, means, spatial_context).astype(v.dtype, copy=False) for k, v in arrays.items()}
 
 
 def embed(
