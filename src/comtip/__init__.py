@@ -7,8 +7,9 @@ __version__ = "0.1.0.dev0"
 from . import datasets, io, pl, pp, tl
 from ._logging import logger
 from ._settings import settings
+from .corpus import Corpus
 
-__all__ = ["CoMTIP", "CoMTIPConfig", "datasets", "io", "logger", "pl", "pp", "settings", "tl", "__version__"]
+__all__ = ["CoMTIP", "CoMTIPConfig", "Corpus", "datasets", "io", "logger", "pl", "pp", "settings", "tl", "__version__"]
 
 
 def __getattr__(name: str):

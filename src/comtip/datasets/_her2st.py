@@ -7,16 +7,23 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .. import _constants as C
+from .._logging import logger
 from .._settings import settings
 from ._download import fetch
-from ._registry import HER2ST_SHA256
+from ._registry import HER2ST_FILES, HER2ST_SHA256
 
-HER2ST_URL = "https://github.com/almaan/her2st/raw/85df7411/data"
+HER2ST_REPO_URL = "https://github.com/almaan/her2st/raw/85df7411"
+HER2ST_URL = f"{HER2ST_REPO_URL}/data"
+# the evaluation's sections (EVAL.md), whose images comtip's data folder holds: the default of her2st()
 HER2ST_IMAGED = ("C2", "C3", "C4", "C5", "C6")
-HER2ST_SECTIONS = tuple(sorted({Path(f).name.split(".")[0] for f in HER2ST_SHA256 if f.startswith("ST-cnts/")}))
+HER2ST_SECTIONS = tuple(sorted(Path(f).name.split(".")[0] for f in HER2ST_FILES if f.startswith("ST-cnts/")))
+# every section's H&E image, as named in comtip's her2st/ folder (patient A's are the repository's *_HE_small.jpg)
+HER2ST_IMAGES = {Path(f).name.split("_", 1)[0]: f for f in sorted(HER2ST_FILES) if f.startswith("ST-imgs/")}
+HER2ST_PITCH_UM = 200.0  # centre-to-centre distance of neighbouring spots of legacy ST
 
 
 def _data_dir(data_dir: str | os.PathLike | None) -> Path:
@@ -25,6 +32,8 @@ def _data_dir(data_dir: str | os.PathLike | None) -> Path:
 
 def _remote(rel: str) -> str:
     """URL in almaan/her2st of a file of our layout."""
+    if rel in HER2ST_FILES:
+        return f"{HER2ST_REPO_URL}/{HER2ST_FILES[rel].remote}"
     folder, name = rel.split("/", 1)
     if folder == "ST-imgs":  # C2_5714_HE_BT_C2.jpg -> ST-imgs/C/C2/5714_HE_BT_C2.jpg
         section, slide = name.split("_", 1)
@@ -35,12 +44,37 @@ def _remote(rel: str) -> str:
 
 
 def _her2st_file(root: Path, rel: str, *, download: bool) -> Path | None:
+    """The file ``her2st/<rel>`` of the data folder; downloaded (and checked) when missing and ``download``."""
     path = root / "her2st" / rel
     if path.is_file():
         return path
-    if not download or rel not in HER2ST_SHA256:
+    entry = HER2ST_FILES.get(rel)
+    if not download or (entry is None and rel not in HER2ST_SHA256):
         return None
-    return fetch(_remote(rel), path, known_hash=HER2ST_SHA256[rel])
+    return fetch(
+        _remote(rel),
+        path,
+        known_hash=HER2ST_SHA256.get(rel),
+        git_sha1=None if entry is None else entry.git_sha1,
+        size=None if entry is None else entry.size,
+    )
+
+
+def _section_mpp(section: str, spots: pd.DataFrame) -> float:
+    """µm per image pixel of a section: 0.688 for C2–C6, else fitted from the spots (pixels per 200 µm array step).
+
+    The images are not all at one scale (patient A's are downscaled), so each section's own spot file gives it.
+    """
+    if section in HER2ST_IMAGED or len(spots) < 3:
+        return C.HER2ST_MPP
+    steps = []
+    for ax in ("x", "y"):
+        a = spots[ax].to_numpy(float)
+        if np.ptp(a) > 0:
+            steps.append(abs(np.polyfit(a, spots[f"pixel_{ax}"].to_numpy(float), 1)[0]))
+    if not steps or not np.isfinite(steps).all() or min(steps) <= 0:
+        return C.HER2ST_MPP
+    return float(HER2ST_PITCH_UM / np.exp(np.mean(np.log(steps))))
 
 
 def _labels(path: Path | None, spots: pd.DataFrame) -> pd.DataFrame | None:
@@ -62,9 +96,13 @@ def her2st(
 ):
     """HER2-positive breast tumours, legacy Spatial Transcriptomics (Andersson et al. 2021).
 
-    100 µm spots on a 200 µm pitch, H&E at about 0.688 µm/px (sections C2–C6), ~15.7k genes;
-    the other sections (A1–A6, C1, D1–D6, E1–E3, F1–F3, G1–G3, H1–H3) have counts only. Pathologist
-    labels are added as ``obs['label']`` where the source has them.
+    36 sections of 8 patients (A1–A6, B1–B6, C1–C6, D1–D6, E1–E3, F1–F3, G1–G3, H1–H3), each with raw counts
+    (~15.7k genes), its spot file and its H&E image: 100 µm spots on a 200 µm pitch. C2–C6 (the default) are the
+    sections of comtip's evaluation, at about 0.688 µm/px; the pixel size of the other sections is fitted from their
+    spot files (patient A's images are the repository's downscaled ``*_HE_small.jpg``, about 0.92 µm/px). Files that
+    are not in the data folder (comtip's shared folder holds the images of C2–C6 only, and no file of patient B) are
+    downloaded from the public repository at commit 85df7411 and checked against its git blob SHA-1 (and SHA-256
+    where known) before use. Pathologist labels are added as ``obs['label']`` where the source has them.
 
     Parameters
     ----------
@@ -74,9 +112,10 @@ def her2st(
         Folder holding ``her2st/`` (layout of the public repository's ``data/`` folder); by default
         :attr:`comtip.settings.data_dir`.
     images
-        Read the H&E image of sections that have one.
+        Read each section's H&E image (downloaded when missing and ``download``); ``False`` reads counts only.
     download
-        Download missing files from the public ``almaan/her2st`` repository (checksummed).
+        Download missing files from the public ``almaan/her2st`` repository (checked by their git blob SHA-1). With
+        ``download=False`` a section whose image is missing is read without it (counts only).
 
     Returns
     -------
@@ -112,15 +151,16 @@ def her2st(
             local = sorted((root / "her2st" / "ST-imgs").glob(f"{s}_*.jpg"))
             if local:
                 image = local[0]
-            else:
-                known = [f for f in HER2ST_SHA256 if f.startswith(f"ST-imgs/{s}_")]
-                image = _her2st_file(root, known[0], download=download) if known else None
+            elif s in HER2ST_IMAGES:
+                image = _her2st_file(root, HER2ST_IMAGES[s], download=download)
+            if image is None:
+                logger.info("HER2ST section %s: no image under %s (download=False): counts only", s, root / "her2st")
         lbl_path = _her2st_file(root, f"ST-pat-lbl/{s}_labeled_coordinates.tsv", download=download)
         from ..io._st import read_st_spots
 
         spot_df = read_st_spots(spots, section=s)
         one = read_st(
-            counts, spot_df, image, section=s, mpp=C.HER2ST_MPP, spot_diameter_um=C.HER2ST_SPOT_DIAMETER_UM,
+            counts, spot_df, image, section=s, mpp=_section_mpp(s, spot_df), spot_diameter_um=C.HER2ST_SPOT_DIAMETER_UM,
             obs=_labels(lbl_path, spot_df),
         )  # fmt: skip
         parts.append(_unpack(one, s))

@@ -1,4 +1,17 @@
-"""SHA-256 of the HER2ST files (almaan/her2st, commit 85df7411), checked after every download."""
+r"""Checksums of the HER2ST files (almaan/her2st, commit 85df7411), checked after every download.
+
+``HER2ST_SHA256``: SHA-256 of the files comtip's data folder holds (computed from them).
+``HER2ST_FILES``: every data file of the public repository, from the listing ``her2st_files.tsv`` shipped with the
+package (path in the repository, git blob SHA-1, size): 36 sections A1–A6, B1–B6, C1–C6, D1–D6, E1–E3, F1–F3,
+G1–G3, H1–H3, each with counts, spot file and H&E image. Every download is checked by its git blob SHA-1
+(``sha1(b"blob <size>\0" + content)``), and by its SHA-256 where ``HER2ST_SHA256`` has it.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from importlib.resources import files
 
 HER2ST_SHA256 = {
     "ST-cnts/A1.tsv.gz": "d91035e5d8a9c4ce7865e4c61446deec1a7318602d41b3220e9fcb3ce7e41fe3",
@@ -75,3 +88,53 @@ HER2ST_SHA256 = {
     "ST-spotfiles/H2_selection.tsv": "c38d3ade8b5674633097b23a66a554831193cee48ba54a7d7418291a9f5533f9",
     "ST-spotfiles/H3_selection.tsv": "430da6f95105eb660f4e8b9b688d44d0d28b3ff66fee3e201cc160ee5739a28c",
 }
+
+
+HER2ST_LISTING = "her2st_files.tsv"  # package data: path, git_blob_sha1, bytes of every file of the repository
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file of the public repository: its path there, its git blob SHA-1 and its size in bytes (``None``: unknown)."""
+
+    remote: str
+    git_sha1: str
+    size: int | None
+
+
+def local_name(remote: str) -> str | None:
+    """Path in comtip's ``her2st/`` folder of a file of the repository (``None`` for files comtip does not use).
+
+    ``data/ST-cnts/A1.tsv.gz`` -> ``ST-cnts/A1.tsv.gz``; ``data/ST-imgs/C/C2/5714_HE_BT_C2.jpg`` ->
+    ``ST-imgs/C2_5714_HE_BT_C2.jpg``; ``data/ST-pat/lbl/A1_labeled_coordinates.tsv`` ->
+    ``ST-pat-lbl/A1_labeled_coordinates.tsv``.
+    """
+    parts = remote.split("/")
+    if len(parts) < 3 or parts[0] != "data":
+        return None
+    if parts[1] in ("ST-cnts", "ST-spotfiles") and len(parts) == 3:
+        return f"{parts[1]}/{parts[2]}"
+    if parts[1] == "ST-imgs" and len(parts) == 5:
+        return f"ST-imgs/{parts[3]}_{parts[4]}"
+    if parts[1:3] == ["ST-pat", "lbl"] and len(parts) == 4:
+        return f"ST-pat-lbl/{parts[3]}"
+    return None
+
+
+def read_listing(path=None) -> dict[str, RemoteFile]:
+    """``{local name: RemoteFile}`` of the listing (by default the one shipped with the package)."""
+    source = files("comtip.datasets") / HER2ST_LISTING if path is None else path
+    out: dict[str, RemoteFile] = {}
+    with source.open("r", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            name = local_name(row["path"])
+            if name is None:
+                continue
+            size = row.get("bytes") or ""
+            out[name] = RemoteFile(
+                row["path"], row["git_blob_sha1"].strip().lower(), int(size) if size.strip() else None
+            )
+    return out
+
+
+HER2ST_FILES = read_listing()

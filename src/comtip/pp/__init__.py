@@ -1,6 +1,7 @@
 """Preprocessing: spot tiles, expression normalisation, gene panels, gene text (descriptions and embeddings)."""
 
 from .._gene_text import harmonize_symbols
+from ..corpus import write_corpus
 from ._expression import candidate_genes, eval_panels, gene_panel, log_depth, log_normalized, value_levels
 from ._grid import grid_spots, tissue_mask
 from ._text import gene_text, gene_text_embeddings
@@ -19,4 +20,5 @@ __all__ = [
     "spot_tiles",
     "tissue_mask",
     "value_levels",
+    "write_corpus",
 ]
