@@ -322,6 +322,23 @@ def test_depth_head_ignores_missing_depth(model):
     assert model.depth_head.loss(pooled, torch.full((4,), float("nan"))).item() == 0.0
 
 
+def test_depth_head_trains_under_bf16_autocast():
+    # the second step updates the fp32 running statistics with the batch's: bf16 statistics made lerp_ fail
+    model = _model(depth_weight=0.1)
+    model.train()
+    batch = _batch()
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            parts = model.training_losses(batch)
+        assert parts["depth"].dtype == torch.float32 and torch.isfinite(parts["loss"])
+        parts["loss"].backward()
+    head = model.depth_head
+    assert head.running_mean.dtype == head.running_var.dtype == torch.float32
+    assert float(head.running_mean) == pytest.approx(float(batch["depth"].mean()), rel=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.predict_depth(batch["image"]).dtype == torch.float32
+
+
 def test_batch_and_input_validation(model):
     batch = _batch()
     with pytest.raises(ValueError, match="expr"):

@@ -124,3 +124,67 @@ def test_prefix_feature_cache_matches_the_tower(trained):
     assert "image" not in item
     assert item["image_prefix"].shape == direct.shape[1:]
     assert np.asarray(item["gene_idx"]).shape == (8,)
+
+
+def _tiny_model():
+    import torch
+
+    import comtip as ct
+
+    torch.manual_seed(0)
+    genes = [f"GENE{i}" for i in range(6)]
+    text = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    levels = torch.linspace(0, 3, 4).repeat(6, 1)
+    return ct.CoMTIP(ct.CoMTIPConfig.tiny(), genes, text, levels)
+
+
+def test_sync_batchnorm_keeps_the_activations_of_timm_norm_act_layers(monkeypatch):
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+    from timm.layers import BatchNormAct2d
+
+    from comtip.train import _fit
+    from comtip.train._module import CoMTIPModule, convert_sync_batchnorm, revert_sync_batchnorm
+
+    model = _tiny_model().eval()
+    n_act = sum(isinstance(m, BatchNormAct2d) and not isinstance(m.act, torch.nn.Identity) for m in model.modules())
+    assert n_act > 0
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.encode_image(x)
+        # Lightning's sync_batchnorm=True turns BatchNormAct2d into a plain SyncBatchNorm: the activations are gone
+        lightning = TorchSyncBatchNorm().apply(copy.deepcopy(model))
+        assert not torch.allclose(lightning.encode_image(x), ref, atol=1e-4)
+        # the conversion fit() uses under DDP on GPUs (SyncBatchNorm runs on CPU in eval mode) keeps them
+        converted = convert_sync_batchnorm(model)
+        assert len(converted) >= n_act
+        assert not any(type(m) is BatchNormAct2d for m in model.modules())
+        torch.testing.assert_close(model.encode_image(x), ref)
+        revert_sync_batchnorm(converted)
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        torch.testing.assert_close(model.encode_image(x), ref)
+
+    # the module converts in setup() only for multi-process GPU training, and puts the layers back in teardown()
+    module = CoMTIPModule(model)
+    for world, device, expect in [(2, "cuda", True), (1, "cuda", False), (2, "cpu", False)]:
+        module._trainer = SimpleNamespace(world_size=world, strategy=SimpleNamespace(root_device=torch.device(device)))
+        module.setup("fit")
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) is expect
+        module.teardown("fit")
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+
+    # and fit() no longer asks Lightning for its sync_batchnorm, even with CUDA present
+    class Stop(Exception):
+        pass
+
+    def trainer(**kwargs):
+        assert not kwargs["sync_batchnorm"]
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("lightning.pytorch.Trainer", trainer)
+    with pytest.raises(Stop):
+        _fit.fit(model, list(range(8)), batch_size=4, precision="32-true", show_progress_bar=False)

@@ -5,4 +5,23 @@ from ._dataset import SpotDataset, make_loader, worker_init_fn
 from ._reader import TileReader
 from ._sentences import gene_sentences
 
-__all__ = ["SpotDataset", "TileReader", "augment", "dihedral", "gene_sentences", "make_loader", "worker_init_fn"]
+__all__ = [
+    "CorpusStream",
+    "SpotDataset",
+    "TileReader",
+    "augment",
+    "dihedral",
+    "gene_sentences",
+    "make_loader",
+    "worker_init_fn",
+]
+
+
+def __getattr__(name: str):
+    # the corpus stream subclasses torch's IterableDataset: imported on first use, so `import comtip` stays light
+    if name == "CorpusStream":
+        from ._stream import CorpusStream
+
+        return CorpusStream
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

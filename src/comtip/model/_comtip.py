@@ -92,10 +92,11 @@ class DepthHead(nn.Module):
     def loss(self, pooled: Tensor, depth: Tensor) -> Tensor:
         """MSE on the standardised log depth; updates the running statistics in training.
 
-        Spots without a depth (NaN, e.g. data given already normalised) are left out.
+        Spots without a depth (NaN, e.g. data given already normalised) are left out. The statistics, the target and
+        the loss are computed in fp32 whatever the autocast dtype of ``pooled`` (the buffers are fp32).
         """
-        depth = depth.to(pooled.dtype).reshape(-1)
-        pred = self.mlp(pooled).squeeze(-1)
+        depth = depth.float().reshape(-1)
+        pred = self.mlp(pooled).squeeze(-1).float()
         valid = torch.isfinite(depth)
         if not bool(valid.any()):
             return pred.sum() * 0.0
@@ -111,12 +112,13 @@ class DepthHead(nn.Module):
                 else:
                     self.running_mean.lerp_(mean, self.momentum)
                     self.running_var.lerp_(var, self.momentum)
-        target = (depth - self.running_mean) / self.running_var.sqrt()
-        return F.mse_loss(pred, target)
+        target = (depth - self.running_mean.float()) / self.running_var.float().sqrt()
+        with torch.autocast(pred.device.type, enabled=False):
+            return F.mse_loss(pred, target)
 
     def forward(self, pooled: Tensor) -> Tensor:
-        """Predicted log depth (B,)."""
-        return self.mlp(pooled).squeeze(-1) * self.running_var.sqrt() + self.running_mean
+        """Predicted log depth (B,), in fp32."""
+        return self.mlp(pooled).squeeze(-1).float() * self.running_var.float().sqrt() + self.running_mean.float()
 
 
 class CoMTIP(nn.Module):
@@ -517,7 +519,7 @@ class CoMTIP(nn.Module):
             if weights["depth"] > 0:
                 parts["depth"] = self.depth_head.loss(pooled, batch["depth"])
             if weights["prompt"] > 0:
-                parts["prompt"] = self._prompt_loss(pooled, batch["expr"])
+                parts["prompt"] = self._prompt_loss(pooled, batch["expr"], mask=batch.get("expr_mask"))
         if not uses_sentences:
             return self._total(parts)
 
@@ -586,7 +588,7 @@ class CoMTIP(nn.Module):
         target = full_tokens.detach().gather(1, hidden_idx[..., None].expand(-1, -1, full_tokens.shape[-1]))
         return mfm_loss(pred, target, self.config.mfm_loss)
 
-    def _prompt_loss(self, pooled: Tensor, expr: Tensor, kind: str = "two_hot") -> Tensor:
+    def _prompt_loss(self, pooled: Tensor, expr: Tensor, kind: str = "two_hot", mask: Tensor | None = None) -> Tensor:
         if expr.dim() != 2 or expr.shape != (pooled.shape[0], self.n_genes):
             msg = f"batch['expr'] must have shape (B, n_genes) = ({pooled.shape[0]}, {self.n_genes}), got {tuple(expr.shape)}."
             raise ValueError(msg)
@@ -597,7 +599,9 @@ class CoMTIP(nn.Module):
         image = F.normalize(self._image_prompt_head()(pooled), dim=-1)
         values = expr[:, genes].to(levels.dtype)
         loss = readout_value_loss if kind == "mse" else prompt_loss
-        return loss(image, prompt, levels, values, self._read_scale(genes))
+        if mask is None:  # every value measured (one table): the loss as it always was
+            return loss(image, prompt, levels, values, self._read_scale(genes))
+        return loss(image, prompt, levels, values, self._read_scale(genes), mask=mask[:, genes])
 
     def _encode_prompts(self, genes: Tensor, levels: Tensor, head: ProjectionHead) -> Tensor:
         """Embeddings (n, K, d) of the single-gene prompts (g, v_k)."""
@@ -644,7 +648,7 @@ class CoMTIP(nn.Module):
             raise ValueError(msg)
         self._check_batch(batch, ["pooled", "expr"])
         kind = self.config.readout_loss
-        loss = self._prompt_loss(batch["pooled"], batch["expr"], kind=kind)
+        loss = self._prompt_loss(batch["pooled"], batch["expr"], kind=kind, mask=batch.get("expr_mask"))
         return {"loss": loss, "readout" if kind == "mse" else "prompt": loss}
 
     def masked_value_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -118,7 +118,14 @@ def prompt_logits(image_emb: Tensor, prompt_emb: Tensor, logit_scale: Tensor) ->
     return logits * (scale.view(1, -1, 1) if scale.numel() > 1 else scale)
 
 
-def prompt_loss(image_emb: Tensor, prompt_emb: Tensor, levels: Tensor, values: Tensor, logit_scale: Tensor) -> Tensor:
+def prompt_loss(
+    image_emb: Tensor,
+    prompt_emb: Tensor,
+    levels: Tensor,
+    values: Tensor,
+    logit_scale: Tensor,
+    mask: Tensor | None = None,
+) -> Tensor:
     """The value-level prompt loss, which trains the zero-shot read-out.
 
     Cross-entropy of softmax_k(cos(image, prompt_gk) / τ_read) against the two-hot target of the spot's true value.
@@ -135,10 +142,17 @@ def prompt_loss(image_emb: Tensor, prompt_emb: Tensor, levels: Tensor, values: T
         (B, n) the spots' true values of the n genes.
     logit_scale
         Scalar or (n,) inverse read-out temperatures.
+    mask
+        (B, n) bool: which values were measured (a gene that a spot's sample did not measure is left out, not read
+        as zero). ``None``: all.
     """
     logits = prompt_logits(image_emb, prompt_emb, logit_scale)
     target = two_hot_targets(values, levels).to(logits.dtype)
-    return -(target * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+    loss = -(target * logits.log_softmax(dim=-1)).sum(dim=-1)
+    if mask is None:
+        return loss.mean()
+    mask = mask.to(loss.dtype)
+    return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def readout_prediction(image_emb: Tensor, prompt_emb: Tensor, levels: Tensor, logit_scale: Tensor) -> Tensor:
@@ -152,7 +166,12 @@ def readout_prediction(image_emb: Tensor, prompt_emb: Tensor, levels: Tensor, lo
 
 
 def readout_value_loss(
-    image_emb: Tensor, prompt_emb: Tensor, levels: Tensor, values: Tensor, logit_scale: Tensor
+    image_emb: Tensor,
+    prompt_emb: Tensor,
+    levels: Tensor,
+    values: Tensor,
+    logit_scale: Tensor,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Squared error of the zero-shot prediction (:func:`readout_prediction`), each gene in units of its batch spread.
 
@@ -161,12 +180,23 @@ def readout_value_loss(
     """
     pred = readout_prediction(image_emb, prompt_emb, levels, logit_scale)
     values = values.to(pred.dtype)
-    var = values.var(dim=0, unbiased=False)
-    varies = var > 1e-8
+    if mask is None:
+        var = values.var(dim=0, unbiased=False)
+        varies = var > 1e-8
+        if not bool(varies.any()):
+            return pred.sum() * 0.0
+        err = (pred - values)[:, varies] ** 2 / var[varies]
+        return err.mean()
+    # measured values only: each gene's spread over the spots that measured it
+    w = mask.to(pred.dtype)
+    n = w.sum(dim=0)
+    mean = (values * w).sum(dim=0) / n.clamp_min(1.0)
+    var = (((values - mean) ** 2) * w).sum(dim=0) / n.clamp_min(1.0)
+    varies = (var > 1e-8) & (n > 1)
     if not bool(varies.any()):
         return pred.sum() * 0.0
-    err = (pred - values)[:, varies] ** 2 / var[varies]
-    return err.mean()
+    err = (pred - values)[:, varies] ** 2 / var[varies] * w[:, varies]
+    return err.sum() / w[:, varies].sum()
 
 
 def mfm_loss(pred: Tensor, target: Tensor, kind: Literal["cosine", "smooth_l1"] = "cosine") -> Tensor:

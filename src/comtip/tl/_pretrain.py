@@ -75,8 +75,12 @@ def pretrain(
     seed: int = 0,
     num_workers: int | None = None,
     show_progress_bar: bool | None = None,
+    samples: Sequence[str] | None = None,
+    buffer_size: int = 4096,
+    checkpoint_every_n_steps: int | None = None,
+    n_reference: int = 10_000,
 ) -> CoMTIP:
-    """Pretrain a CoMTIP model on the spots of a SpatialData (image tiles + expression), on Lightning.
+    """Pretrain a CoMTIP model on the spots of a SpatialData (image tiles + expression), or on a corpus on disk.
 
     The gene panel, the gene text embeddings and the prompt value levels are built from the training spots;
     then image tiles and gene sentences are aligned with every loss part of the config (InfoNCE, the value-level
@@ -85,10 +89,19 @@ def pretrain(
     best validation epoch are kept. Count-only sections (no image) can pretrain the gene side first
     (``gene_pretrain_epochs``, masked value modeling; needs ``config.mvm_weight > 0``).
 
+    A corpus (:func:`comtip.pp.write_corpus`; its folder or :func:`comtip.io.read_corpus`) is streamed instead:
+    its shards are split across DDP ranks and DataLoader workers (every spot once per epoch across all ranks), a
+    shuffle buffer mixes samples, and validation runs on held-out samples. The panel is chosen from the samples'
+    statistics, where a gene that a sample did not measure is masked, not read as zero; genes without a gene-text
+    entry are dropped (counted in the log). Nothing held in memory grows with the corpus: no feature cache, prompt
+    levels from a bounded sample of spots, a reference bank of ``n_reference`` spots. With
+    ``checkpoint_every_n_steps`` a killed run resumes mid-epoch, exactly where it stopped.
+
     Parameters
     ----------
     sdata
-        SpatialData with a table of raw counts and tiles from :func:`comtip.pp.spot_tiles`.
+        SpatialData with a table of raw counts and tiles from :func:`comtip.pp.spot_tiles`; or a corpus (its folder
+        or a :class:`comtip.Corpus`).
     config
         Model configuration; default :meth:`comtip.CoMTIPConfig.cpu` (offline CPU default).
     table_key
@@ -146,6 +159,15 @@ def pretrain(
         DataLoader workers (default :attr:`comtip.settings.num_workers`).
     show_progress_bar
         Progress bars (default :attr:`comtip.settings.show_progress_bar`).
+    samples
+        Corpus only: the samples to train and validate on (default: all). ``validation`` then names samples
+        (``"auto"``: the last one).
+    buffer_size
+        Corpus only: spots in the shuffle buffer of the stream.
+    checkpoint_every_n_steps
+        Corpus only: also write the checkpoint every that many steps (mid-epoch resume).
+    n_reference
+        Corpus only: training spots kept as the reference bank of retrieval and probe prediction.
 
     Returns
     -------
@@ -175,6 +197,47 @@ def pretrain(
     config = config or CoMTIPConfig.cpu()
     show = settings.show_progress_bar if show_progress_bar is None else show_progress_bar
     num_workers = settings.num_workers if num_workers is None else num_workers
+    from ._pretrain_corpus import is_corpus, pretrain_corpus
+
+    if is_corpus(sdata):
+        if gene_pretrain_epochs or readout_refit:
+            msg = "gene_pretrain_epochs and readout_refit are not available for a corpus: leave them at 0 / False."
+            raise ValueError(msg)
+        return pretrain_corpus(
+            sdata,
+            config=config,
+            samples=samples,
+            validation=validation,
+            n_genes=n_genes,
+            text_model=text_model,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            image_tower_lr_scale=image_tower_lr_scale,
+            readout_epochs=readout_epochs,
+            readout_lr=readout_lr,
+            augment=augment,
+            early_stopping_patience=early_stopping_patience,
+            buffer_size=buffer_size,
+            checkpoint_every_n_steps=checkpoint_every_n_steps,
+            n_reference=n_reference,
+            common={
+                "accelerator": accelerator,
+                "devices": devices,
+                "num_nodes": num_nodes,
+                "strategy": strategy,
+                "precision": precision,
+                "checkpoint_dir": checkpoint_dir,
+                "resume": resume,
+                "seed": seed,
+                "num_workers": num_workers,
+                "show_progress_bar": show,
+            },
+        )
+    if isinstance(sdata, (str, os.PathLike)):
+        msg = f"{sdata} is not a corpus folder (no manifest.json): write one with ct.pp.write_corpus, or pass a SpatialData."
+        raise FileNotFoundError(msg)
     table = get_table(sdata, table_key)
     if tiles_key not in sdata.shapes:
         msg = f"No tiles {tiles_key!r}: run ct.pp.spot_tiles(sdata) (112 µm tiles at 224 px) before ct.tl.pretrain."

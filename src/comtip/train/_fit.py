@@ -44,7 +44,10 @@ def _freeze_unused(model, module, train, batch_size: int) -> list:
     import torch
     from torch.utils.data import default_collate
 
-    batch = default_collate(train.__getitems__(list(range(min(len(train), max(2, batch_size))))))
+    if hasattr(train, "batches"):  # a corpus stream: its first batch
+        batch = train.read(next(iter(train.batches(0))), 0)
+    else:
+        batch = default_collate(train.__getitems__(list(range(min(len(train), max(2, batch_size))))))
     model.zero_grad(set_to_none=True)
     with torch.random.fork_rng():
         module._losses(batch)["loss"].backward()
@@ -73,6 +76,8 @@ def _quiet_lightning(show: bool) -> None:
     # our samplers shard across ranks themselves, and a few workers are deliberate on small data
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+    # a corpus stream deals its batches to the workers itself, so its length holds with any number of workers
+    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
     # the frozen part of the image tower is kept in eval mode on purpose (BatchNorm statistics stay ImageNet's)
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
@@ -104,13 +109,16 @@ def fit(
     restore_best: bool = True,
     early_stopping_patience: int | None = None,
     gradient_clip_val: float | None = 1.0,
+    checkpoint_every_n_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``train`` (validating on ``val``) with Lightning; returns a training summary.
 
     Checkpoints (``last.ckpt``, written at the end of every epoch with the RNG state and the loss history) go to
     ``checkpoint_dir``; with ``resume=True`` a run finds ``last.ckpt`` there and continues exactly where it
     stopped (same data order, augmentation and random stream as an uninterrupted run). With a validation set,
-    the weights of the best epoch by ``monitor`` are restored at the end (``restore_best``).
+    the weights of the best epoch by ``monitor`` are restored at the end (``restore_best``). ``train`` may be a
+    :class:`comtip.data.CorpusStream`; with ``checkpoint_every_n_steps`` the checkpoint is also written every that many
+    steps, and a streamed run resumes from it mid-epoch exactly as the uninterrupted run would have gone on.
     """
     import lightning.pytorch as L
     import torch
@@ -120,7 +128,8 @@ def fit(
 
     _quiet_lightning(show_progress_bar)
     L.seed_everything(seed, workers=True, verbose=False)
-    steps_per_epoch = max(1, len(train) // batch_size)
+    # a corpus stream's length is its number of batches already
+    steps_per_epoch = max(1, len(train) if hasattr(train, "batches") else len(train) // batch_size)
     module = CoMTIPModule(
         model,
         stage=stage,
@@ -153,6 +162,17 @@ def fit(
             enable_version_counter=False,
         )
     ]
+    if checkpoint_every_n_steps:
+        callbacks.append(
+            _atomic_checkpoint_class()(
+                dirpath=ckpt_dir,
+                filename=f"{stage}-last",
+                save_top_k=1,
+                every_n_train_steps=int(checkpoint_every_n_steps),
+                save_on_train_epoch_end=False,
+                enable_version_counter=False,
+            )
+        )
     best = None
     if monitor is not None and restore_best:
         best = _BestWeights(monitor)
@@ -179,8 +199,9 @@ def fit(
         log_every_n_steps=max(1, min(50, steps_per_epoch)),
         default_root_dir=ckpt_dir,
         gradient_clip_val=gradient_clip_val,
-        # under DDP on GPUs, BatchNorm statistics over all ranks' batches (SyncBatchNorm has no CPU kernel)
-        sync_batchnorm=torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"),
+        # under DDP on GPUs the module converts BatchNorm itself (CoMTIPModule.setup: timm's conversion keeps the
+        # activation of BatchNormAct2d, which Lightning's sync_batchnorm=True drops)
+        sync_batchnorm=False,
         limit_val_batches=1.0 if has_val else 0,
     )
     ckpt = ckpt_dir / f"{stage}-last.ckpt"
@@ -192,6 +213,7 @@ def fit(
     try:
         trainer.fit(module, ckpt_path=ckpt_path)
     finally:
+        module.teardown("fit")  # puts back the original BatchNorm layers if a failed DDP run left them converted
         for p in frozen:
             p.requires_grad_(True)
         if tmp is not None:

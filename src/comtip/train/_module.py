@@ -13,6 +13,66 @@ import torch
 from .._metrics import pearson_depth_adjusted, pearson_per_gene, recall_at_k
 
 
+def convert_sync_batchnorm(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Replace every BatchNorm layer of ``model``, in place, by its synchronised variant (for DDP on GPUs).
+
+    Uses :func:`timm.layers.convert_sync_batchnorm`, which turns timm's ``BatchNormAct2d`` (batch norm + activation,
+    in EfficientNets) into ``SyncBatchNormAct`` and keeps its activation; PyTorch's and Lightning's
+    ``sync_batchnorm=True`` convert it to a plain ``SyncBatchNorm`` and silently drop the activation. Parameters,
+    running statistics and train/eval mode are shared with the original layers.
+
+    Returns
+    -------
+    ``(parent, name, original)`` for every converted layer, to undo the conversion with
+    :func:`revert_sync_batchnorm`.
+    """
+    from timm.layers import convert_sync_batchnorm as timm_convert
+
+    converted = []
+    for parent in list(model.modules()):
+        if isinstance(parent, torch.nn.modules.batchnorm._BatchNorm):
+            continue  # a norm layer's own children (activation, dropout) hold no BatchNorm
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+                child, torch.nn.SyncBatchNorm
+            ):
+                parent.add_module(name, timm_convert(child))
+                converted.append((parent, name, child))
+    return converted
+
+
+def revert_sync_batchnorm(converted: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
+    """Put back the original layers replaced by :func:`convert_sync_batchnorm`, with the trained state."""
+    for parent, name, original in reversed(converted):
+        sync = getattr(parent, name)
+        if original.affine:
+            original.weight, original.bias = sync.weight, sync.bias
+        for buf in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(original, buf, getattr(sync, buf))
+        original.momentum, original.training = sync.momentum, sync.training
+        parent.add_module(name, original)
+
+
+def _wants_sync_batchnorm(trainer) -> bool:
+    """BatchNorm statistics over all ranks' batches: multi-process training on GPUs (SyncBatchNorm has no CPU kernel)."""
+    return int(trainer.world_size) > 1 and trainer.strategy.root_device.type == "cuda"
+
+
+class _StreamLoader(torch.utils.data.DataLoader):
+    """The DataLoader of a corpus stream.
+
+    Its position in the epoch travels in the module's checkpoint (``comtip_stream``: the batches the optimiser has
+    stepped on), which is exact whatever Lightning prefetched; these two methods tell Lightning that it resumes
+    mid-epoch.
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        return None
+
+
 class _DataHooks:
     """DataLoaders built inside the Lightning run, where the DDP world size and rank are known."""
 
@@ -27,6 +87,20 @@ class _DataHooks:
         from ._data import EpochIndexed, EpochSampler
 
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
+        if hasattr(dataset, "for_rank"):  # a corpus stream: it shards, batches and orders itself
+            stream = dataset.for_rank(world, rank)
+            if shuffle:
+                stream.set_position(*getattr(self, "_stream_position", (0, 0)))
+                self._train_stream = stream
+            return _StreamLoader(
+                stream,
+                batch_size=None,
+                num_workers=self._num_workers,
+                worker_init_fn=worker_init_fn if self._num_workers > 0 else None,
+                persistent_workers=False,  # each epoch's workers take the stream's position with them
+                # its own generator: creating the iterator then draws nothing from the global stream (exact resume)
+                generator=torch.Generator().manual_seed(self._seed),
+            )
         sampler = EpochSampler(len(dataset), seed=self._seed, shuffle=shuffle, num_replicas=world, rank=rank)
         n_batches_full = len(sampler) // self._batch_size
         return DataLoader(
@@ -115,14 +189,40 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
         self._train_sums: dict[str, float] = {}
         self._train_n = 0
         self._epoch_t0 = time.perf_counter()
+        self._sync_bn: list = []
+
+    # ------------------------------------------------------------------ DDP BatchNorm
+    def setup(self, stage: str) -> None:
+        # before the strategy wraps the model in DDP; not Lightning's sync_batchnorm, which drops timm's activations
+        if stage == "fit" and not self._sync_bn and _wants_sync_batchnorm(self.trainer):
+            self._sync_bn = convert_sync_batchnorm(self.model)
+
+    def teardown(self, stage: str) -> None:
+        if self._sync_bn:
+            revert_sync_batchnorm(self._sync_bn)
+            self._sync_bn = []
 
     # ------------------------------------------------------------------ training
     def _losses(self, batch: dict) -> dict:
         if self.stage == "genes":
             return self.model.masked_value_losses(batch)
         if self.stage == "readout":
-            return self.model.readout_losses(batch)
+            return self.model.readout_losses(self._with_pooled(batch))
         return self.model.training_losses(batch)
+
+    def _with_pooled(self, batch: dict) -> dict:
+        """The batch with the fixed tower's pooled features (streamed tiles: computed here, not cached)."""
+        if "pooled" in batch or "image" not in batch:
+            return batch
+        tower = self.model.image
+        was_training = tower.training
+        tower.eval()  # the tower is fixed in the read-out stage: BatchNorm statistics stay as they are
+        try:
+            with torch.no_grad():
+                pooled = self.model.image_features(batch["image"])
+        finally:
+            tower.train(was_training)
+        return {**batch, "pooled": pooled}
 
     def training_step(self, batch: dict, batch_idx: int):
         parts = self._losses(batch)
@@ -143,6 +243,9 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
         return parts["loss"]
 
     def on_train_epoch_start(self) -> None:
+        stream = getattr(self, "_train_stream", None)
+        if stream is not None:  # a fresh epoch (not the one a resumed run continues): its first batch
+            stream.set_epoch(self.current_epoch)
         self._train_sums, self._train_n = {}, 0
         self._epoch_t0 = time.perf_counter()
 
@@ -233,6 +336,11 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["comtip_rng"] = {"torch": torch.get_rng_state()}
         checkpoint["comtip_history"] = list(self.model.history)
+        if getattr(self, "_train_stream", None) is not None:
+            # batches of this epoch already trained on (the one being checkpointed included): a streamed run
+            # resumes at the next one
+            done = int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            checkpoint["comtip_stream"] = {"epoch": int(self.current_epoch), "batch": done}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rng = checkpoint.get("comtip_rng")
@@ -240,3 +348,6 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
             torch.set_rng_state(rng["torch"])
         if "comtip_history" in checkpoint:
             self.model.history[:] = checkpoint["comtip_history"]
+        if "comtip_stream" in checkpoint:
+            pos = checkpoint["comtip_stream"]
+            self._stream_position = (int(pos["epoch"]), int(pos["batch"]))
