@@ -110,6 +110,7 @@ def fit(
     early_stopping_patience: int | None = None,
     gradient_clip_val: float | None = 1.0,
     checkpoint_every_n_steps: int | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``train`` (validating on ``val``) with Lightning; returns a training summary.
 
@@ -119,12 +120,14 @@ def fit(
     the weights of the best epoch by ``monitor`` are restored at the end (``restore_best``). ``train`` may be a
     :class:`comtip.data.CorpusStream`; with ``checkpoint_every_n_steps`` the checkpoint is also written every that many
     steps, and a streamed run resumes from it mid-epoch exactly as the uninterrupted run would have gone on.
+    ``max_steps`` stops training after that many optimizer steps (the learning-rate schedule spans them). The summary
+    holds ``s_per_step``, the median wall time of a training step with the data wait included.
     """
     import lightning.pytorch as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping
 
-    from ._module import CoMTIPModule, _BestWeights
+    from ._module import CoMTIPModule, _BestWeights, _StepTimes
 
     _quiet_lightning(show_progress_bar)
     L.seed_everything(seed, workers=True, verbose=False)
@@ -136,7 +139,7 @@ def fit(
         lr=lr,
         weight_decay=weight_decay,
         image_tower_lr_scale=image_tower_lr_scale,
-        total_steps=steps_per_epoch * max_epochs,
+        total_steps=min(steps_per_epoch * max_epochs, max_steps or steps_per_epoch * max_epochs),
         val_genes=val_genes,
     )
     module.set_data(train, val, batch_size=batch_size, num_workers=num_workers, seed=seed)
@@ -173,6 +176,8 @@ def fit(
                 enable_version_counter=False,
             )
         )
+    step_times = _StepTimes()
+    callbacks.append(step_times)
     best = None
     if monitor is not None and restore_best:
         best = _BestWeights(monitor)
@@ -185,6 +190,7 @@ def fit(
     precision = precision or default_precision(accelerator)
     trainer = L.Trainer(
         max_epochs=max_epochs,
+        max_steps=int(max_steps) if max_steps else -1,
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
@@ -224,6 +230,7 @@ def fit(
         "epochs": int(trainer.current_epoch),
         "steps": int(trainer.global_step),
         "wall_s": round(wall, 1),
+        "s_per_step": round(float(np.median(step_times.times)), 4) if step_times.times else None,
         "precision": str(precision),
         "accelerator": type(trainer.accelerator).__name__.replace("Accelerator", "").lower(),
         "devices": int(trainer.num_devices),

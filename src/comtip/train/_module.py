@@ -147,6 +147,25 @@ class _BestWeights(L.Callback):
             self.best = (state_dict["value"], state_dict["epoch"], state_dict["state"])
 
 
+class _StepTimes(L.Callback):
+    """Wall time between the ends of consecutive training steps (data wait included): the step time a user sees."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        now = time.perf_counter()
+        if self.last is not None:
+            self.times.append(now - self.last)
+        self.last = now
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.last = None  # validation between epochs is not a training step
+
+
 class CoMTIPModule(_DataHooks, L.LightningModule):
     """Trains a CoMTIP model with AdamW and a warm-up + cosine schedule.
 
