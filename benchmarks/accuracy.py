@@ -10,8 +10,9 @@ Usage:
          [--gene-sections auto|none|A1 D1 ...]
 --gene-sections adds count-only sections (no image) to the training data, for gene-side pretraining
 (--pretrain gene_pretrain_epochs=N, with --set mvm_weight=...). "auto" takes every count-only HER2ST section of
-the patients that are neither trained nor evaluated on (patient = the section's letter), so nothing of the
-evaluation patient is seen, not even its counts.
+the patients that are neither trained nor evaluated on (patient = the section's letter) whose counts are in the
+data folder (it never downloads: with comtip's shared folder, patients A and D–H), so nothing of the evaluation
+patient is seen, not even its counts.
 The last line printed is one JSON object.
 """
 
@@ -43,13 +44,14 @@ def _value(v: str):
         return v
 
 
-def _gene_sections(given: list[str], train: list[str], evaluated: list[str], known) -> list[str]:
-    """The count-only sections to add: ``auto`` = those of patients neither trained nor evaluated on."""
+def _gene_sections(given: list[str], train: list[str], evaluated: list[str], known, local=()) -> list[str]:
+    """The count-only sections to add: ``auto`` = those of patients neither trained nor evaluated on, among ``local``
+    (the sections whose counts are in the data folder: ``auto`` never downloads)."""
     if given == ["none"]:
         return []
     if given == ["auto"]:
         seen = {s[0] for s in [*train, *evaluated]}
-        return [s for s in known if s[0] not in seen]
+        return [s for s in known if s[0] not in seen and s in local]
     clash = [s for s in given if s in evaluated or s[0] in {e[0] for e in evaluated}]
     if clash:
         msg = f"--gene-sections {clash} belong to an evaluated patient: a model must not see them (EVAL.md)."
@@ -114,9 +116,12 @@ def main(argv=None) -> dict:
     kwargs = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.pretrain)}
     if args.max_epochs is not None:
         kwargs["max_epochs"] = args.max_epochs
-    gene_sections = _gene_sections(args.gene_sections, args.train, args.eval, ct.datasets.HER2ST_SECTIONS)
+    counts_dir = Path(args.data_dir or ct.settings.data_dir) / "her2st" / "ST-cnts"
+    local = [s for s in ct.datasets.HER2ST_SECTIONS if (counts_dir / f"{s}.tsv.gz").is_file()]
+    gene_sections = _gene_sections(args.gene_sections, args.train, args.eval, ct.datasets.HER2ST_SECTIONS, local)
     with Timer() as t_all:
-        train = ct.datasets.her2st(args.train + gene_sections, data_dir=args.data_dir)
+        # count-only sections are read without their images
+        train = ct.datasets.her2st(args.train + gene_sections, data_dir=args.data_dir, images=args.train)
         test = ct.datasets.her2st(args.eval, data_dir=args.eval_data_dir or args.data_dir)
         ct.pp.spot_tiles(train)
         ct.pp.spot_tiles(test)

@@ -148,3 +148,12 @@ def test_count_only_without_download(her2st_dir):
 
     a1 = read_st_spots(her2st_dir / "her2st" / "ST-spotfiles" / "A1_selection.tsv", section="A1")
     assert 0.85 < _her2st._section_mpp("A1", a1) < 0.98  # patient A's images are downscaled
+
+
+def test_images_of_some_sections_only(her2st_dir):
+    """Imaged training sections plus count-only ones (gene-side pretraining), nothing downloaded."""
+    sdata = ct.datasets.her2st(["C2", "A1"], data_dir=her2st_dir, images=["C2"])
+    assert set(sdata.images) == {"C2_he"}
+    assert set(sdata.tables["table"].obs["section"].astype(str)) == {"C2", "A1"}
+    with pytest.raises(ValueError, match="add them to sections"):
+        ct.datasets.her2st(["C2"], data_dir=her2st_dir, images=["C3"])

@@ -180,3 +180,23 @@ def test_ddp_two_processes_cover_the_corpus_and_resume(corpus_dir, tmp_path):
     a = torch.load(tmp_path / "full" / "weights.pt")
     b = torch.load(tmp_path / "killed" / "weights.pt")
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_hest_folder_to_pretrained_model_from_the_command_line(tmp_path, capsys):
+    """The path of docs/hest.md: a downloaded HEST-1k subset -> `comtip write-corpus` -> `comtip pretrain` -> a model."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _hest_fixture import write_hest_fixture
+
+    from comtip.cli import main
+
+    root = write_hest_fixture(tmp_path / "hest_data", ("H1", "H2"))
+    main(["-q", "write-corpus", str(root), "--out", str(tmp_path / "corpus"), "--shard-size", "32"])
+    corpus = ct.io.read_corpus(tmp_path / "corpus")
+    assert list(corpus.samples.index) == ["H1", "H2"] and corpus.tile_size_px == 224
+    args = ["--config", "tiny", "--max-epochs", "1", "--readout-epochs", "1", "--batch-size", "8", "--n-genes", "30"]
+    main(["-q", "pretrain", str(tmp_path / "corpus"), "--out", str(tmp_path / "model"), *args, "--samples", "H1", "H2"])
+    model = ct.CoMTIP.load(tmp_path / "model")
+    assert model.training_summary["validation_sections"] == ["H2"]
+    assert model.training_summary["corpus"] == str(tmp_path / "corpus")
+    with pytest.raises(SystemExit, match="corpus folder"):
+        main(["-q", "pretrain", str(root), "--out", str(tmp_path / "m2"), "--samples", "H1"])

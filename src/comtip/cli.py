@@ -23,7 +23,11 @@ def _value(v: str):
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    p.add_argument("input", nargs="?", help="SpatialData .zarr folder or AnnData .h5ad with uns['spatial']")
+    p.add_argument(
+        "input",
+        nargs="?",
+        help="SpatialData .zarr folder or AnnData .h5ad with uns['spatial'] (pretrain: also a corpus folder)",
+    )
     p.add_argument(
         "--dataset",
         choices=["her2st", "her2st_tiny", "mouse_olfactory_bulb", "visium_mouse_brain_crop"],
@@ -89,7 +93,14 @@ def cmd_pretrain(args) -> None:
     """``comtip pretrain``: train and save a model."""
     import comtip as ct
 
-    data = _load_data(args)
+    corpus = args.input and not args.dataset and (Path(args.input) / "manifest.json").is_file()
+    if (args.samples or args.checkpoint_every_n_steps) and not corpus:
+        sys.exit(
+            "comtip: --samples and --checkpoint-every-n-steps are for a corpus; give a corpus folder as input "
+            "(write one with 'comtip write-corpus')."
+        )
+    data = args.input if corpus else _load_data(args)
+    corpus_kw = {"samples": args.samples, "checkpoint_every_n_steps": args.checkpoint_every_n_steps} if corpus else {}
     overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     config = getattr(ct.CoMTIPConfig, args.config)(**overrides)
     model = ct.tl.pretrain(
@@ -110,11 +121,41 @@ def cmd_pretrain(args) -> None:
         checkpoint_dir=args.checkpoint_dir,
         seed=args.seed,
         num_workers=args.num_workers,
+        **corpus_kw,
     )
     if model.training_summary.get("stages", [{}])[-1].get("is_global_zero", True):
         model.save(args.out, overwrite=args.overwrite)
         print(model)
         print(f"saved the model to {args.out}")
+
+
+def cmd_write_corpus(args) -> None:
+    """``comtip write-corpus``: write samples to a corpus on disk for streamed pretraining."""
+    import comtip as ct
+
+    sources = []
+    for item in args.sources:
+        path = Path(item)
+        if (path / "st").is_dir():  # a HEST-1k folder
+            sources.extend([(path, s) for s in args.samples] if args.samples else [path])
+        elif path.suffix == ".zarr" and path.is_dir():
+            import spatialdata as sd
+
+            sources.append(sd.read_zarr(path))
+        else:
+            sys.exit(
+                f"comtip: cannot read {path}: give HEST-1k folders (with st/, metadata/, patches/) or SpatialData "
+                ".zarr folders."
+            )
+    corpus = ct.pp.write_corpus(
+        sources,
+        args.out,
+        tile_size_um=args.tile_size_um,
+        tile_size_px=args.tile_size_px,
+        shard_size=args.shard_size,
+        mode="w" if args.overwrite else "a",
+    )
+    print(corpus)
 
 
 def cmd_embed(args) -> None:
@@ -247,7 +288,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-dir", default=None, help="checkpoints here; an interrupted run resumes from them")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num-workers", type=int, default=0)
+    s.add_argument("--samples", nargs="+", default=None, help="corpus input only: the samples to train on")
+    s.add_argument(
+        "--checkpoint-every-n-steps",
+        type=int,
+        default=None,
+        help="corpus input only: also checkpoint every N steps (a killed run resumes mid-epoch)",
+    )
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser(
+        "write-corpus",
+        help="write samples to a corpus on disk (tile shards + counts) for streamed pretraining",
+        description="Write HEST-1k samples and SpatialData objects to a corpus folder (ct.pp.write_corpus), which "
+        "'comtip pretrain CORPUS' streams. Appends to an existing corpus; re-running completes an interrupted write.",
+        epilog=EPILOG,
+    )
+    s.add_argument("sources", nargs="+", help="HEST-1k folders (st/, metadata/, patches/) or SpatialData .zarr folders")
+    s.add_argument("--out", required=True, help="the corpus folder")
+    s.add_argument("--samples", nargs="+", default=None, help="HEST sample ids to write (default: all in the folders)")
+    s.add_argument("--tile-size-um", type=float, default=112.0, help="physical tile side in µm (default 112)")
+    s.add_argument("--tile-size-px", type=int, default=224, help="tile side in pixels (default 224)")
+    s.add_argument("--shard-size", type=int, default=4096, help="spots per shard (default 4096)")
+    s.add_argument("--overwrite", action="store_true", help="replace the corpus in --out instead of appending")
+    s.set_defaults(func=cmd_write_corpus)
 
     s = sub.add_parser(
         "embed",

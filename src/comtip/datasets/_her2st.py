@@ -91,7 +91,7 @@ def her2st(
     sections: Sequence[str] = HER2ST_IMAGED,
     *,
     data_dir: str | os.PathLike | None = None,
-    images: bool = True,
+    images: bool | Sequence[str] = True,
     download: bool = True,
 ):
     """HER2-positive breast tumours, legacy Spatial Transcriptomics (Andersson et al. 2021).
@@ -112,7 +112,9 @@ def her2st(
         Folder holding ``her2st/`` (layout of the public repository's ``data/`` folder); by default
         :attr:`comtip.settings.data_dir`.
     images
-        Read each section's H&E image (downloaded when missing and ``download``); ``False`` reads counts only.
+        Read each section's H&E image (downloaded when missing and ``download``); ``False`` reads counts only; a list
+        of sections reads the images of those sections and the counts alone of the others (e.g. imaged training
+        sections plus count-only sections for gene-side pretraining).
     download
         Download missing files from the public ``almaan/her2st`` repository (checked by their git blob SHA-1). With
         ``download=False`` a section whose image is missing is read without it (counts only).
@@ -136,6 +138,12 @@ def her2st(
     if unknown:
         msg = f"Unknown HER2ST section(s) {unknown}; available: {', '.join(HER2ST_SECTIONS)}."
         raise ValueError(msg)
+    if not isinstance(images, bool):
+        images = [images] if isinstance(images, str) else list(images)
+        stray = [s for s in images if s not in sections]
+        if stray:
+            msg = f"images={stray} names sections that are not read (sections={list(sections)}): add them to sections."
+            raise ValueError(msg)
     parts = []
     for s in sections:
         counts = _her2st_file(root, f"ST-cnts/{s}.tsv.gz", download=download)
@@ -147,7 +155,7 @@ def her2st(
             )
             raise FileNotFoundError(msg)
         image = None
-        if images:
+        if images is True or (images is not False and s in images):
             local = sorted((root / "her2st" / "ST-imgs").glob(f"{s}_*.jpg"))
             if local:
                 image = local[0]
