@@ -77,10 +77,11 @@ def _evict(path: Path) -> None:
 
 # --- 0. the real tiles and counts -----------------------------------------------------------------------------------
 def phase_source(work: Path, data_dir: str | None) -> dict:
-    import comtip as ct
     import pandas as pd
-    from comtip.data import TileReader
     from scipy import sparse
+
+    import comtip as ct
+    from comtip.data import TileReader
 
     t0 = time.perf_counter()
     sdata = ct.datasets.her2st(SECTIONS, data_dir=data_dir, download=False)
@@ -94,7 +95,7 @@ def phase_source(work: Path, data_dir: str | None) -> dict:
     for i in range(0, len(order), 128):
         rows = order[i : i + 128]
         out[rows] = reader.read(rows).permute(0, 2, 3, 1).numpy()
-    counts = table.layers["counts"] if "counts" in table.layers else table.X
+    counts = table.layers.get("counts", table.X)
     counts = sparse.csr_matrix(counts, dtype=np.float32)
     np.save(work / "source_tiles.npy", out)
     sparse.save_npz(work / "source_counts.npz", counts)
@@ -134,7 +135,9 @@ def _write_sample(root: Path, sid: str, i: int, n: int, src: np.ndarray, counts,
     }
     (root / "metadata" / f"{sid}.json").write_text(json.dumps(meta, indent=1))
     with h5py.File(root / "patches" / f"{sid}.h5", "w") as f:
-        img = f.create_dataset("img", shape=(n, PATCH_PX, PATCH_PX, 3), dtype=np.uint8, chunks=(1, PATCH_PX, PATCH_PX, 3))
+        img = f.create_dataset(
+            "img", shape=(n, PATCH_PX, PATCH_PX, 3), dtype=np.uint8, chunks=(1, PATCH_PX, PATCH_PX, 3)
+        )
         for a in range(0, n, 256):
             b = min(n, a + 256)
             k = b - a
@@ -206,8 +209,9 @@ def _panel(corpus, n_genes: int) -> list[str]:
 
 # --- 3. the loader alone --------------------------------------------------------------------------------------------
 def phase_loader(corpus_path: Path, workers: int, n_batches: int, batch_size: int, n_genes: int) -> dict:
-    import comtip as ct
     import torch
+
+    import comtip as ct
     from comtip.data import CorpusStream, worker_init_fn
 
     corpus = ct.io.read_corpus(corpus_path)
@@ -245,8 +249,9 @@ def phase_loader(corpus_path: Path, workers: int, n_batches: int, batch_size: in
 
 # --- 4. training --------------------------------------------------------------------------------------------------
 def phase_train(corpus_path: Path, workers: int, steps: int, batch_size: int, n_genes: int) -> dict:
-    import comtip as ct
     import torch
+
+    import comtip as ct
     from comtip.data import CorpusStream
     from comtip.model import CoMTIP
     from comtip.pp import gene_text_embeddings, value_levels
@@ -365,7 +370,15 @@ def main() -> None:
             run.update(_child(["write", str(work), str(n_samples), str(corpus), str(a.shard_size)]))
             run["hest_disk_mb"] = _du_mb(work / "hest")
             loader = _child(
-                ["loader", str(work), str(corpus), str(a.workers), str(a.loader_batches), str(a.batch_size), str(a.n_genes)]
+                [
+                    "loader",
+                    str(work),
+                    str(corpus),
+                    str(a.workers),
+                    str(a.loader_batches),
+                    str(a.batch_size),
+                    str(a.n_genes),
+                ]
             )
             run.update({k: v for k, v in loader.items() if not k.startswith("peak")})
             run["loader_peak_rss_mb"] = loader["peak_rss_mb"]
@@ -374,7 +387,15 @@ def main() -> None:
             run.pop("peak_rss_workers_mb")
             run.update(
                 _child(
-                    ["train", str(work), str(corpus), str(a.workers), str(a.train_steps), str(a.batch_size), str(a.n_genes)]
+                    [
+                        "train",
+                        str(work),
+                        str(corpus),
+                        str(a.workers),
+                        str(a.train_steps),
+                        str(a.batch_size),
+                        str(a.n_genes),
+                    ]
                 )
             )
             run["peak_rss_mb"] = max(run["write_peak_rss_mb"], run["loader_peak_rss_mb"], run["train_peak_rss_mb"])
