@@ -200,3 +200,15 @@ def test_hest_folder_to_pretrained_model_from_the_command_line(tmp_path, capsys)
     assert model.training_summary["corpus"] == str(tmp_path / "corpus")
     with pytest.raises(SystemExit, match="corpus folder"):
         main(["-q", "pretrain", str(root), "--out", str(tmp_path / "m2"), "--samples", "H1"])
+
+
+def test_pretrain_corpus_refuses_a_sample_that_shares_no_gene(tmp_path):
+    """A validation sample whose genes are all outside the panel (e.g. another species' symbols) is named, not skipped."""
+    sds = _three_samples(drop_gene=None)[:2]
+    other = make_sdata(sections=("Z",), seed=5)
+    table = other.tables["table"]
+    table.var_names = [f"NOTAGENE{i}" for i in range(table.n_vars)]
+    sds.append(other)
+    ct.pp.write_corpus(sds, tmp_path / "c", tile_size_um=40, tile_size_px=32)
+    with pytest.raises(ValueError, match="'Z' .* shares no gene with the panel"):
+        ct.tl.pretrain(tmp_path / "c", config=ct.CoMTIPConfig.tiny(), validation="Z", n_genes=20)
