@@ -16,7 +16,8 @@ Rows, per-gene Pearson r and depth-controlled r (EVAL.md), means over the 50 gen
 5. ``imagenet_probe``: EVAL.md's ridge probe on frozen ImageNet features, fitted to the genes' training expression
    (with the same spatial context), for reference.
 
-Usage: python benchmarks/unseen_genes.py [--data-dir D] [--seen-model demo_out/model] [--json OUT]
+Usage: python benchmarks/unseen_genes.py [--data-dir D] [--seen-model demo_out/model] [--models DIR] [--json OUT]
+(``--models DIR`` keeps the trained models, so that a rerun only predicts.)
 The last line printed is one JSON object.
 """
 
@@ -80,6 +81,9 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=None, help="contrastive epochs (default: the demo's)")
     ap.add_argument("--readout-epochs", type=int, default=None, help="read-out epochs (default: the demo's)")
     ap.add_argument("--only-folds", type=int, nargs="+", default=None, help="run these folds only (merge later)")
+    ap.add_argument(
+        "--models", default=None, help="folder for the fold models: saved there after training, loaded when present"
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--merge", nargs="+", default=None, help="pool the JSONs of runs over different folds")
     a = ap.parse_args()
@@ -121,7 +125,15 @@ def main() -> None:
     fold_info = []
     # 4. seen: the model trained with every gene
     t = time.perf_counter()
-    seen = ct.CoMTIP.load(a.seen_model) if a.seen_model else _pretrain(train, a.seed, a.max_epochs, a.readout_epochs)
+    seen_dir = Path(a.models) / "seen" if a.models else None
+    if a.seen_model:
+        seen = ct.CoMTIP.load(a.seen_model)
+    elif seen_dir is not None and seen_dir.exists():
+        seen = ct.CoMTIP.load(seen_dir)
+    else:
+        seen = _pretrain(train, a.seed, a.max_epochs, a.readout_epochs)
+        if seen_dir is not None:
+            seen.save(seen_dir)
     preds["seen"][:] = _predict(test, seen, hvg)
     seen_in_panel = [g for g in hvg if g in set(seen.genes)]
     seen_s = time.perf_counter() - t
@@ -145,11 +157,17 @@ def main() -> None:
     for k in fold_ids:
         genes = folds[k]
         t = time.perf_counter()
-        train.tables["table"] = full[:, [g for g in full.var_names if g not in set(genes)]].copy()
-        try:
-            model = _pretrain(train, a.seed, a.max_epochs, a.readout_epochs)
-        finally:
-            train.tables["table"] = full
+        fold_dir = Path(a.models) / f"fold{k}" if a.models else None
+        if fold_dir is not None and fold_dir.exists():
+            model = ct.CoMTIP.load(fold_dir)
+        else:
+            train.tables["table"] = full[:, [g for g in full.var_names if g not in set(genes)]].copy()
+            try:
+                model = _pretrain(train, a.seed, a.max_epochs, a.readout_epochs)
+            finally:
+                train.tables["table"] = full
+            if fold_dir is not None:
+                model.save(fold_dir)
         assert not set(genes) & set(model.genes)
         cols = [col[g] for g in genes]
         own_text = dict(ct.pp.gene_text(genes, fallback=True))  # "<GENE>: gene." where the table has none
