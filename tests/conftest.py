@@ -20,7 +20,7 @@ def _quiet_settings(tmp_path_factory):
     """No progress bars in tests, a private cache folder, and no current model leaking between tests."""
     ct.settings.show_progress_bar = False
     old_model = ct.settings.model
-    return
+    yield
     ct.settings._model = old_model
 
 

@@ -60,9 +60,9 @@ def _save(fig, tmp_path: Path, name: str) -> Path:
     return path
 
 
-def _maps(fig, gene_index: int):
-    """The four axes of one gene block: measured map, predicted map, colour bar, scatter."""
-    return fig.axes[4 * gene_index : 4 * gene_index + 4]
+def _maps(fig, gene_index: int, n: int = 5):
+    """The axes of one gene block: measured map, predicted map, colour bar, scatter (and the predicted colour bar)."""
+    return fig.axes[n * gene_index : n * gene_index + 4]
 
 
 def _spot_values(ax) -> np.ndarray:
@@ -77,13 +77,13 @@ def test_predicted_vs_measured_maps_scale_and_scatter(results, tmp_path):
     _, sd = results
     table = sd.tables["table"]
     keys_before = (set(table.obsm), set(table.layers), set(table.var.columns), set(table.uns["comtip"]))
-    fig = ct.pl.predicted_vs_measured(sd, genes=GENES)
+    fig = ct.pl.predicted_vs_measured(sd, genes=GENES, pred_scale="shared")
     assert isinstance(fig, plt.Figure)
     assert len(fig.axes) == 4 * len(GENES)
     rows = np.flatnonzero(table.obs["section"] == "S1")  # section=None: the first section
     measured = log_normalized(table[rows], genes=GENES).toarray()
     for i, gene in enumerate(GENES):
-        ax_m, ax_p, cax, ax_s = _maps(fig, i)
+        ax_m, ax_p, cax, ax_s = _maps(fig, i, n=4)
         r = table.var.loc[gene, "comtip_pearson"]
         assert ax_m.get_title() == f"{gene} measured"
         assert ax_p.get_title() == f"{gene} predicted, r = {r:.2f}"
@@ -113,13 +113,38 @@ def test_predicted_vs_measured_maps_scale_and_scatter(results, tmp_path):
     _save(fig, tmp_path, "predicted_vs_measured_synthetic")
 
 
+def test_predicted_vs_measured_own_scale_for_predictions(results):
+    """By default the predicted map has its own colour scale and bar, so that compressed predictions show a pattern."""
+    _, sd = results
+    table = sd.tables["table"]
+    rows = np.flatnonzero(table.obs["section"] == "S1")
+    measured = log_normalized(table[rows], genes=GENES).toarray()
+    fig = ct.pl.predicted_vs_measured(sd, genes=GENES)
+    assert len(fig.axes) == 5 * len(GENES)
+    for i, gene in enumerate(GENES):
+        ax_m, ax_p, cax, ax_s, cax_p = fig.axes[5 * i : 5 * i + 5]
+        assert ax_p.get_title().startswith(f"{gene} predicted, r = ")
+        _, cm = _spot_values(ax_m)
+        vp, cp = _spot_values(ax_p)
+        assert (cm.norm.vmin, cm.norm.vmax) == pytest.approx(tuple(np.percentile(measured[:, i], [1, 99])))
+        assert (cp.norm.vmin, cp.norm.vmax) == pytest.approx(tuple(np.percentile(vp, [1, 99])))
+        assert cax.get_ylim() == pytest.approx((cm.norm.vmin, cm.norm.vmax))
+        assert cax_p.get_ylim() == pytest.approx((cp.norm.vmin, cp.norm.vmax))
+        assert "predicted" in cax_p.get_ylabel() and "measured" in cax.get_ylabel()
+        # the scatter keeps the true values of both
+        np.testing.assert_allclose(ax_s.collections[0].get_offsets()[:, 0], measured[:, i], rtol=1e-5)
+    with pytest.raises(ValueError, match="pred_scale"):
+        ct.pl.predicted_vs_measured(sd, genes=GENES, pred_scale="log")
+    plt.close("all")
+
+
 def test_predicted_vs_measured_section_spot_size_and_save(results, tmp_path):
     _, sd = results
     path = tmp_path / "sub" / "pvm"
     fig = ct.pl.predicted_vs_measured(sd, "GAPDH", section="S3", spot_size=20, ncols=2, save=path)
     assert (tmp_path / "sub" / "pvm.png").stat().st_size > 10_000
-    assert len(fig.axes) == 4
-    ax_m, ax_p, _, ax_s = fig.axes
+    assert len(fig.axes) == 5
+    ax_m, ax_p, _, ax_s, _ = fig.axes
     assert ax_s.get_title().startswith("S3: r = ") and ax_s.get_title().endswith("n = 36")
     _, coll = _spot_values(ax_m)
     # spot_size is a diameter in µm; the synthetic image is 1 µm/px, read at full resolution
@@ -174,7 +199,7 @@ def test_predicted_vs_measured_anndata(results, tmp_path):
     adata = _visium_anndata(sd)
     del adata.var["comtip_pearson"]  # r is then computed from the section's spots
     fig = ct.pl.predicted_vs_measured(adata, genes=GENES)
-    assert len(fig.axes) == 8
+    assert len(fig.axes) == 10
     measured = log_normalized(adata, genes=GENES).toarray()
     for i, gene in enumerate(GENES):
         ax_m, ax_p, _, ax_s = _maps(fig, i)
@@ -202,7 +227,7 @@ def test_predicted_vs_measured_her2st_tiny(data_dir, tmp_path):
     X = log_normalized(table).toarray()
     table.layers["comtip_pred"] = (0.5 * X + rng.normal(0, 0.5, X.shape)).astype(np.float32)
     fig = ct.pl.predicted_vs_measured(sd, genes=["ERBB2", "KRT19", "IGKC"])
-    assert len(fig.axes) == 12
+    assert len(fig.axes) == 15
     ax_m = fig.axes[0]
     img = ax_m.images[0].get_array()
     assert 500 < img.shape[1] <= 2100
@@ -214,7 +239,7 @@ def test_predicted_vs_measured_her2st_tiny(data_dir, tmp_path):
     h, w = img.shape[:2]
     np.testing.assert_allclose(coll.get_widths(), 100 / 1.376, rtol=0.05)
     assert (coll.get_offsets()[:, 0] < w).all() and (coll.get_offsets()[:, 1] < h).all()
-    assert fig.axes[3].get_title().endswith("n = 49")
+    assert fig.axes[3].get_title().endswith("n = 49")  # the scatter
     _save(fig, tmp_path, "predicted_vs_measured_her2st_tiny")
 
 

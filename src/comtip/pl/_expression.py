@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -69,6 +69,18 @@ def _measured(table, genes: list[str], layer: str | None) -> np.ndarray:
     return dense(log_normalized(table, layer=layer, genes=genes))
 
 
+def _norm(values: np.ndarray, percentiles: tuple[float, float]):
+    """A linear colour scale from the ``percentiles`` of ``values`` (widened when they are all equal)."""
+    import matplotlib as mpl
+
+    if values.size == 0:
+        return mpl.colors.Normalize(vmin=0.0, vmax=1.0)
+    vmin, vmax = (float(v) for v in np.percentile(values, percentiles))
+    if vmax <= vmin:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    return mpl.colors.Normalize(vmin=vmin, vmax=vmax)
+
+
 def _draw_map(
     ax: Axes, view: SectionView, values: np.ndarray, *, cmap, norm, alpha: float, scalebar: bool = False
 ) -> None:
@@ -127,6 +139,7 @@ def predicted_vs_measured(
     spot_size: float | None = None,
     cmap: str = "viridis",
     percentiles: tuple[float, float] = (1.0, 99.0),
+    pred_scale: Literal["own", "shared"] = "own",
     alpha: float = 0.9,
     ncols: int = 1,
     max_image_px: int = 1000,
@@ -137,10 +150,13 @@ def predicted_vs_measured(
     """Measured and predicted expression side by side on the H&E, with a scatter of one against the other.
 
     One block per gene: the measured map, the predicted map (spots drawn as filled circles of their physical size
-    on a downsampled crop of the section's H&E, around the spots), a colour bar shared by both maps (the
-    ``percentiles`` of measured and predicted values together, so that the two maps are comparable), and a scatter
-    of predicted against measured values of the section's spots with their Pearson r, the identity line and a
-    least-squares trend line. Measured expression is log-normalised (counts -> 1e4 per spot -> log1p), as
+    on a downsampled crop of the section's H&E, around the spots), their colour bars, and a scatter of predicted
+    against measured values of the section's spots with their Pearson r, the identity line and a least-squares
+    trend line. By default (``pred_scale="own"``) each map has its own colour scale: zero-shot predictions are
+    compressed (their least-squares slope against the measured values is typically 0.05–0.3), so on the measured
+    scale their pattern would be one flat colour; the scatter, on common axes, keeps the true magnitudes.
+    ``pred_scale="shared"`` puts both maps on one scale (the ``percentiles`` of measured and predicted values
+    together). Measured expression is log-normalised (counts -> 1e4 per spot -> log1p), as
     :func:`comtip.tl.score_expression` compares it. Spots without a prediction are grey.
 
     Parameters
@@ -172,7 +188,11 @@ def predicted_vs_measured(
     cmap
         Colour map of both maps.
     percentiles
-        Lower and upper percentile of the measured and predicted values together that set each gene's colour scale.
+        Lower and upper percentile of the values that set a colour scale: of the measured values for the measured
+        map and of the predictions for the predicted map (``pred_scale="own"``), or of both together.
+    pred_scale
+        ``"own"``: the predicted map on a colour scale of its own, with a second colour bar, so that its spatial
+        pattern is visible; ``"shared"``: both maps on one colour scale and one colour bar, to compare magnitudes.
     alpha
         Opacity of the spots.
     ncols
@@ -190,8 +210,9 @@ def predicted_vs_measured(
     Returns
     -------
     The :class:`~matplotlib.figure.Figure` (see ``return_fig``). For gene ``g`` its axes are, in order, the measured
-    map (title ``"g measured"``), the predicted map (``"g predicted, r = …"``), the colour bar, and the scatter
-    (``"section: r = …, n = …"``); then ``fig.axes`` holds nothing else.
+    map (title ``"g measured"``), the predicted map (``"g predicted, r = …"``), the measured map's colour bar (with
+    ``pred_scale="shared"``: the one colour bar of both), the scatter (``"section: r = …, n = …"``) and, with
+    ``pred_scale="own"``, the predicted map's colour bar; ``fig.axes`` holds nothing else.
 
     Examples
     --------
@@ -208,6 +229,9 @@ def predicted_vs_measured(
         raise ValueError(msg)
     if ncols < 1:
         msg = f"ncols must be at least 1, got {ncols}."
+        raise ValueError(msg)
+    if pred_scale not in ("own", "shared"):
+        msg = f"pred_scale must be 'own' (a colour scale for the predicted map) or 'shared', got {pred_scale!r}."
         raise ValueError(msg)
     table = get_table(data, table_key)
     pred_all = _predictions(table, genes, pred_layer)
@@ -246,32 +270,44 @@ def predicted_vs_measured(
 
     # Hand-written matplotlib rather than spatialdata-plot / squidpy: the measured values are computed here and
     # must not be written into the user's table, AnnData input has no SpatialData to render, and each gene needs
-    # one colour scale shared by two panels plus a scatter; both libraries draw one colour scale per panel.
+    # two maps with chosen colour scales plus a scatter, in one block.
+    own = pred_scale == "own"
     aspect = (view.extent[2] - view.extent[3]) / max(view.extent[1] - view.extent[0], 1e-9)
     panel_w = 3.4
     panel_h = float(np.clip(panel_w * aspect, 2.2, 5.0)) + 0.5
     nrows = int(np.ceil(len(genes) / ncols))
-    fig = plt.figure(figsize=(ncols * (3 * panel_w + 0.4), nrows * panel_h), layout="constrained")
+    fig = plt.figure(figsize=(ncols * (3 * panel_w + (1.0 if own else 0.4)), nrows * panel_h), layout="constrained")
     grid = fig.add_gridspec(nrows, ncols)
     base = mpl.colormaps[cmap].with_extremes(bad="lightgrey")
+    label = "log1p(counts / 1e4 per spot)"
     for i, gene in enumerate(genes):
-        sub = grid[i // ncols, i % ncols].subgridspec(1, 4, width_ratios=[1, 1, 0.05, 0.95])
-        ax_m, ax_p, cax, ax_s = (fig.add_subplot(sub[0, j]) for j in range(4))
+        if own:  # measured map | its bar | predicted map | its bar | scatter
+            sub = grid[i // ncols, i % ncols].subgridspec(1, 5, width_ratios=[1, 0.05, 1, 0.05, 0.95])
+            ax_m, ax_p, cax, ax_s, cax_p = (fig.add_subplot(sub[0, j]) for j in (0, 2, 1, 4, 3))
+        else:
+            sub = grid[i // ncols, i % ncols].subgridspec(1, 4, width_ratios=[1, 1, 0.05, 0.95])
+            ax_m, ax_p, cax, ax_s = (fig.add_subplot(sub[0, j]) for j in range(4))
         m, p = meas[:, i], pred[:, i]
-        both = np.concatenate([m, p[np.isfinite(p)]])
-        vmin, vmax = (float(v) for v in np.percentile(both, percentiles))
-        if vmax <= vmin:
-            vmin, vmax = vmin - 0.5, vmax + 0.5
-        norm = mpl.colors.Normalize(vmin=vmin, vmax=vmax)
+        finite = p[np.isfinite(p)]
+        if own:
+            norm = _norm(m, percentiles)
+            norm_p = _norm(finite, percentiles)
+        else:
+            norm = norm_p = _norm(np.concatenate([m, finite]), percentiles)
         _draw_map(ax_m, view, m, cmap=base, norm=norm, alpha=alpha, scalebar=True)
-        _draw_map(ax_p, view, p, cmap=base, norm=norm, alpha=alpha)
+        _draw_map(ax_p, view, p, cmap=base, norm=norm_p, alpha=alpha)
         r_sec = _pearson(p, m)
         r_all = float(stored[gene]) if stored is not None and np.isfinite(stored[gene]) else float("nan")
         r_title = r_all if np.isfinite(r_all) else r_sec
         ax_m.set_title(f"{gene} measured")
         ax_p.set_title(f"{gene} predicted, r = {r_title:.2f}")
         fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=base), cax=cax, extend="both")
-        cax.set_ylabel("log1p(counts / 1e4 per spot)", fontsize="small")
+        if own:
+            fig.colorbar(mpl.cm.ScalarMappable(norm=norm_p, cmap=base), cax=cax_p, extend="both")
+            cax.set_ylabel(f"measured, {label}", fontsize="small")
+            cax_p.set_ylabel("predicted (its own scale)", fontsize="small")
+        else:
+            cax.set_ylabel(label, fontsize="small")
         _draw_scatter(ax_s, m, p, r_sec, section=section, gene=gene)
     where = f".var[{score_key!r}] (all scored spots)" if stored is not None else f"section {section}'s spots"
     fig.suptitle(f"Section {section}: measured vs predicted ({pred_layer!r}); map titles give Pearson r from {where}")
