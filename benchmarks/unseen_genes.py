@@ -17,7 +17,8 @@ Rows, per-gene Pearson r and depth-controlled r (EVAL.md), means over the 50 gen
    (with the same spatial context), for reference.
 
 Usage: python benchmarks/unseen_genes.py [--data-dir D] [--seen-model demo_out/model] [--models DIR] [--json OUT]
-(``--models DIR`` keeps the trained models, so that a rerun only predicts.)
+(``--models DIR`` keeps the trained models, so that a rerun only predicts; ``--offset-dropout P`` trains every model
+with ``CoMTIPConfig.gene_offset_dropout=P``.)
 The last line printed is one JSON object.
 """
 
@@ -60,16 +61,19 @@ def _predict(test, model, genes: list[str], descriptions=None) -> np.ndarray:
     return out
 
 
-def _pretrain(train, seed: int, max_epochs: int | None, readout_epochs: int | None):
+def _pretrain(train, a):
     import comtip as ct
     from comtip._demo import DEMO_PRETRAIN, demo_config
 
     kwargs = dict(DEMO_PRETRAIN)
-    if max_epochs is not None:
-        kwargs["max_epochs"] = max_epochs
-    if readout_epochs is not None:
-        kwargs["readout_epochs"] = readout_epochs
-    return ct.tl.pretrain(train, config=demo_config(), seed=seed, **kwargs)
+    if a.max_epochs is not None:
+        kwargs["max_epochs"] = a.max_epochs
+    if a.readout_epochs is not None:
+        kwargs["readout_epochs"] = a.readout_epochs
+    config = demo_config()
+    if a.offset_dropout:
+        config = type(config).from_dict({**config.to_dict(), "gene_offset_dropout": a.offset_dropout})
+    return ct.tl.pretrain(train, config=config, seed=a.seed, **kwargs)
 
 
 def main() -> None:
@@ -80,6 +84,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-epochs", type=int, default=None, help="contrastive epochs (default: the demo's)")
     ap.add_argument("--readout-epochs", type=int, default=None, help="read-out epochs (default: the demo's)")
+    ap.add_argument(
+        "--offset-dropout", type=float, default=0.0, help="train with CoMTIPConfig.gene_offset_dropout (default 0)"
+    )
     ap.add_argument("--only-folds", type=int, nargs="+", default=None, help="run these folds only (merge later)")
     ap.add_argument(
         "--models", default=None, help="folder for the fold models: saved there after training, loaded when present"
@@ -131,7 +138,7 @@ def main() -> None:
     elif seen_dir is not None and seen_dir.exists():
         seen = ct.CoMTIP.load(seen_dir)
     else:
-        seen = _pretrain(train, a.seed, a.max_epochs, a.readout_epochs)
+        seen = _pretrain(train, a)
         if seen_dir is not None:
             seen.save(seen_dir)
     preds["seen"][:] = _predict(test, seen, hvg)
@@ -163,7 +170,7 @@ def main() -> None:
         else:
             train.tables["table"] = full[:, [g for g in full.var_names if g not in set(genes)]].copy()
             try:
-                model = _pretrain(train, a.seed, a.max_epochs, a.readout_epochs)
+                model = _pretrain(train, a)
             finally:
                 train.tables["table"] = full
             if fold_dir is not None:
@@ -245,6 +252,7 @@ def _result(a, preds, fold_info, true, depth, col, wrong, seen_in_panel, seen_s,
         "panel": "hvg50 (EVAL.md, from the training sections)",
         "folds": fold_info,
         "seen_model": a.seen_model or "trained here",
+        "gene_offset_dropout": a.offset_dropout,
         "seen_genes_in_panel": len(seen_in_panel),
         "per_gene": per_gene,
         "seconds": {"seen": round(seen_s, 1), "imagenet_probe": round(imagenet_s, 1)},

@@ -893,3 +893,27 @@ def test_paper_preset_builds_offline_with_random_weights():
     model.eval()
     with torch.no_grad():
         assert model.encode_image(torch.rand(1, 3, 224, 224)).shape == (1, 256)
+
+
+def test_gene_offset_dropout_leaves_offsets_out_in_training_only():
+    from comtip.model._gene import GeneTextEncoder
+
+    idx = torch.arange(G)
+    plain = GeneTextEncoder(ct.CoMTIPConfig.tiny(), G, _text())
+    torch.manual_seed(0)
+    enc = GeneTextEncoder(ct.CoMTIPConfig.tiny(gene_offset_dropout=0.5), G, _text())
+    enc.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        enc.gene_offset.normal_()
+    text_only = enc.text_proj(enc.text_emb)
+    enc.eval()
+    torch.testing.assert_close(enc.gene_tokens(idx), text_only + enc.gene_offset)  # eval: every offset
+    enc.train()
+    torch.manual_seed(1)
+    tokens = torch.stack([enc.gene_tokens(idx) for _ in range(20)])
+    dropped = torch.isclose(tokens, text_only.expand_as(tokens)).all(-1)  # (20, G): offset left out
+    kept = torch.isclose(tokens, (text_only + enc.gene_offset).expand_as(tokens)).all(-1)
+    assert (dropped ^ kept).all()  # each gene has all of its offset or none
+    assert 0.3 < dropped.float().mean() < 0.7
+    with pytest.raises(ValueError, match="gene_offset_dropout"):
+        ct.CoMTIPConfig.tiny(gene_offset_dropout=1.0)

@@ -86,6 +86,10 @@ class CoMTIPConfig:
         Gene-name token: ``"text"`` (linear projection of the frozen text embedding), ``"text+offset"`` (plus a
         learnable per-gene offset, zero for genes added later) or ``"learned"`` (a free vector per gene; genes
         cannot be added after training).
+    gene_offset_dropout
+        With ``"text+offset"``: probability, in training, that a gene's learned offset is left out of its token (drawn
+        per gene at each use), so that the text projection alone also has to carry each gene, as it must for genes
+        added after training (``benchmarks/unseen_genes.py``). 0 (default) never leaves it out.
     value_embedding
         ``"soft_bins"`` (soft assignment of the log value to learned bins) or ``"mlp"`` (an MLP of the value).
     n_value_bins
@@ -164,6 +168,7 @@ class CoMTIPConfig:
     # gene-text encoder
     text_dim: int | None = None
     gene_embedding: Literal["text", "learned", "text+offset"] = "text+offset"
+    gene_offset_dropout: float = 0.0
     value_embedding: Literal["soft_bins", "mlp"] = "soft_bins"
     n_value_bins: int = 16
     value_max: float = 8.0
@@ -331,7 +336,7 @@ class CoMTIPConfig:
             if not 0.0 < value < 1.0:
                 msg = f"CoMTIPConfig.{name}={value!r} must lie strictly between 0 and 1."
                 raise ValueError(msg)
-        for name in ["projection_dropout", "gene_dropout", "sentence_dropout"]:
+        for name in ["projection_dropout", "gene_dropout", "sentence_dropout", "gene_offset_dropout"]:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 msg = f"CoMTIPConfig.{name}={value!r} must lie in [0, 1)."

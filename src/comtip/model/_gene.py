@@ -106,6 +106,7 @@ class GeneTextEncoder(nn.Module):
             self.text_proj = nn.Sequential(nn.Linear(text_embeddings.shape[1], dim), nn.LayerNorm(dim))
         if config.gene_embedding == "text+offset":
             self.gene_offset = nn.Parameter(torch.zeros(n_genes, dim))
+        self.offset_dropout = float(config.gene_offset_dropout)
         if config.gene_embedding == "learned":
             self.gene_emb = nn.Parameter(torch.randn(n_genes, dim))
         if config.value_embedding == "soft_bins":
@@ -139,7 +140,11 @@ class GeneTextEncoder(nn.Module):
             return self.gene_emb[gene_idx]
         emb = self.text_proj(self.text_emb[gene_idx])
         if self.gene_embedding == "text+offset":
-            emb = emb + self.gene_offset[gene_idx]
+            offset = self.gene_offset[gene_idx]
+            if self.training and self.offset_dropout > 0:  # some genes by their text alone, as genes added later
+                keep = torch.rand(self.gene_offset.shape[0], device=offset.device) >= self.offset_dropout
+                offset = offset * keep[gene_idx].unsqueeze(-1).to(offset.dtype)
+            emb = emb + offset
         return emb
 
     def forward(
