@@ -93,7 +93,11 @@ def main() -> None:
     )
     ap.add_argument("--json", default=None)
     ap.add_argument("--merge", nargs="+", default=None, help="pool the JSONs of runs over different folds")
+    ap.add_argument("--table", nargs="+", default=None, help="print the Markdown table of these result JSONs")
     a = ap.parse_args()
+    if a.table:
+        print(table(a.table))
+        return
     if a.merge:
         merge(a.merge, a.json)
         return
@@ -275,6 +279,29 @@ def merge(paths: list[str], out: str | None) -> None:
     merged["wall_s"] = round(sum(p["wall_s"] for p in parts), 1)
     merged["merged_from"] = paths
     emit(_summary(merged), out)
+
+
+def table(paths: list[str]) -> str:
+    """Markdown: one line per row of each result, the mean over the genes and the range over the folds."""
+    out = [
+        "| run | row | r (mean of genes) | r_adj (mean of genes) | r_adj per fold (min–max) |",
+        "|---|---|---|---|---|",
+    ]
+    for p in paths:
+        res = json.loads(Path(p).read_text())
+        run = Path(p).stem + ("" if res.get("complete") else " (incomplete)")
+        for r in ROWS:
+            per_fold = [f["rows"][r]["pcc_adj"] for f in res["folds"]]
+            row = res["rows"][r]
+            out.append(
+                f"| {run} | `{r}` | {row['pcc']:.3f} | {row['pcc_adj']:.3f} | {min(per_fold):.3f}–{max(per_fold):.3f} |"
+            )
+        b = res["own_beats_nearest_adj"]
+        out.append(
+            f"| {run} | own − nearest (r_adj) | | {b['mean_difference']:+.3f} | own higher on "
+            f"{b['genes_where_own_is_higher']}/{b['n_genes']} genes |"
+        )
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
