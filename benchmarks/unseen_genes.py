@@ -25,6 +25,7 @@ The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -61,6 +62,19 @@ def _predict(test, model, genes: list[str], descriptions=None) -> np.ndarray:
     return out
 
 
+def description_similarity(model, genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The text embeddings of the genes' own descriptions, and their cosine similarity (genes x panel) to the
+    descriptions of the model's panel genes (the frozen embeddings the model holds)."""
+    import comtip as ct
+
+    text = ct.pp.gene_text_embeddings(genes, fallback=True)  # "<GENE>: gene." where the table has none
+    panel = model.gene_encoder.text_emb.cpu().numpy()
+    sim = (text / np.linalg.norm(text, axis=1, keepdims=True)) @ (
+        panel / np.linalg.norm(panel, axis=1, keepdims=True)
+    ).T
+    return text, sim
+
+
 def _pretrain(train, a):
     import comtip as ct
     from comtip._demo import DEMO_PRETRAIN, demo_config
@@ -70,9 +84,7 @@ def _pretrain(train, a):
         kwargs["max_epochs"] = a.max_epochs
     if a.readout_epochs is not None:
         kwargs["readout_epochs"] = a.readout_epochs
-    config = demo_config()
-    if a.offset_dropout:
-        config = type(config).from_dict({**config.to_dict(), "gene_offset_dropout": a.offset_dropout})
+    config = dataclasses.replace(demo_config(), gene_offset_dropout=a.offset_dropout)
     return ct.tl.pretrain(train, config=config, seed=a.seed, **kwargs)
 
 
@@ -185,11 +197,8 @@ def main() -> None:
         preds["unseen_own_description"][:, cols] = _predict(test, model, genes, descriptions=own_text)
         preds["unseen_wrong_description"][:, cols] = _predict(test, model, genes, descriptions=wrong_text)
         # the nearest panel gene by description, and its zero-shot prediction
-        e_new = ct.pp.gene_text_embeddings(genes, fallback=True)
-        e_pan = ct.pp.gene_text_embeddings(model.genes, fallback=True)
-        e_new = e_new / np.linalg.norm(e_new, axis=1, keepdims=True)
-        e_pan = e_pan / np.linalg.norm(e_pan, axis=1, keepdims=True)
-        nearest = [model.genes[i] for i in (e_new @ e_pan.T).argmax(1)]
+        _, sim = description_similarity(model, genes)
+        nearest = [model.genes[i] for i in sim.argmax(1)]
         uniq = list(dict.fromkeys(nearest))
         p_near = _predict(test, model, uniq)
         preds["nearest_trained_gene"][:, cols] = p_near[:, [uniq.index(h) for h in nearest]]

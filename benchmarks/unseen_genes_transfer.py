@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import emit, machine, peak_rss_mb
+from unseen_genes import description_similarity
 
 VARIANTS = {
     "median": {},
@@ -123,11 +124,7 @@ def main() -> None:
             spatial_context=SPATIAL_CONTEXT,
         )["prompt"]
         true = ct.pp.log_normalized(tab, genes=genes).toarray().astype(np.float64)
-        text = ct.pp.gene_text_embeddings(genes, descriptions=dict(ct.pp.gene_text(genes, fallback=True)))
-        pan = model.gene_encoder.text_emb.cpu().numpy()
-        sim = (text / np.linalg.norm(text, axis=1, keepdims=True)) @ (
-            pan / np.linalg.norm(pan, axis=1, keepdims=True)
-        ).T
+        text, sim = description_similarity(model, genes)
         for name, kw in VARIANTS.items():
             pred = _variant(model, genes, text, sim, emb, **kw)
             for metric, values in zip(
