@@ -230,8 +230,7 @@ def _library_image(
     xy_px: np.ndarray,
 ) -> dict[str, Any]:
     """Image elements of one library: the best image as ``"{lib}_he"`` (full-res ``image``, else hires, else lowres)."""
-    from ._image import parse_image
-    from ._wsi import image_element, level0_shape
+    from ._image import image_element, level0_shape, parse_image
 
     element = f"{lib}{C.IMAGE_SUFFIX}"
     if image is not None:

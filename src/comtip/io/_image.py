@@ -1,16 +1,21 @@
-"""Lazy reading of plain image files (JPEG, PNG, TIFF) into spatialdata image elements."""
+"""Lazy reading of image files into spatialdata image elements: JPEG/PNG here, TIFF and whole slides via ``_wsi``."""
 
 from __future__ import annotations
 
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.array as da
 import numpy as np
 
 from .._logging import logger
+from ._wsi import Backend, parse_levels, wsi_array
+
+if TYPE_CHECKING:
+    from xarray import DataTree
 
 PIL_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"}
@@ -63,8 +68,6 @@ def read_image_lazy(path: str | os.PathLike, *, element: str) -> da.Array:
         msg = f"Image of {element!r} not found: {str(path)!r}. Check the path, or leave the image out for a count-only section."
         raise FileNotFoundError(msg)
     if path.suffix.lower() not in PIL_SUFFIXES:
-        from ._wsi import wsi_array
-
         return wsi_array(path, element=element)[0][0]  # level 0 of the file's pyramid (its own errors are clear)
     try:
         with _pil_open(path) as img:
@@ -121,3 +124,47 @@ def parse_image(array: da.Array, *, coordinate_system: str, mpp: float, levels: 
         transformations={coordinate_system: Scale([mpp, mpp], axes=("y", "x"))},
         chunks=chunks,
     )
+
+
+def image_element(
+    path: str | os.PathLike,
+    *,
+    element: str,
+    coordinate_system: str,
+    mpp: float | None,
+    backend: Backend = "tifffile",
+) -> tuple[DataTree, float]:
+    """The image element of a full-resolution image file (JPEG/PNG, or a TIFF/whole slide with its own pyramid).
+
+    Returns the element (level 0 -> ``coordinate_system`` is ``Scale([mpp, mpp])``) and the pixel size used: ``mpp``
+    when given, else the file's. A file whose stated pixel size differs from ``mpp`` by more than 10 % is reported.
+    """
+    from spatialdata.transformations import Scale
+
+    path = Path(path)
+    if path.suffix.lower() in PIL_SUFFIXES:
+        if mpp is None:
+            msg = f"Pixel size missing for image {element!r} ({path.name}): pass mpp= (µm per full-resolution pixel)."
+            raise ValueError(msg)
+        return parse_image(read_image_lazy(path, element=element), coordinate_system=coordinate_system, mpp=mpp), mpp
+    levels, _, file_mpp = wsi_array(path, element=element, backend=backend)
+    if mpp is None:
+        if file_mpp is None:
+            msg = (
+                f"Pixel size missing for image {element!r}: {str(path)!r} states none (no OpenSlide mpp, OME "
+                "PhysicalSizeX or TIFF resolution in cm/inch). Pass mpp= (µm per level-0 pixel)."
+            )
+            raise ValueError(msg)
+        mpp = file_mpp
+    elif file_mpp is not None and not np.isclose(mpp, file_mpp, rtol=0.1):
+        logger.warning("%s: the file states %.4g µm/px, using mpp=%.4g as given", path.name, file_mpp, mpp)
+    tree = parse_levels(levels, coordinate_system=coordinate_system, transformation=Scale([mpp, mpp], axes=("y", "x")))
+    return tree, float(mpp)
+
+
+def level0_shape(element: Any) -> tuple[int, int]:
+    """``(height, width)`` of an image element's full-resolution level (``DataArray`` or multiscale ``DataTree``)."""
+    from xarray import DataTree
+
+    arr = next(iter(element["scale0"].data_vars.values())) if isinstance(element, DataTree) else element
+    return int(arr.sizes["y"]), int(arr.sizes["x"])

@@ -196,7 +196,7 @@ def visium(
     images: dict[str, Any] = {}
     he = f"{lib}{C.IMAGE_SUFFIX}"
     if fullres_image is not None:
-        from ._wsi import image_element, level0_shape
+        from ._image import image_element, level0_shape
 
         images[he], _ = image_element(Path(fullres_image), element=he, coordinate_system=lib, mpp=mpp)
         check_spots_in_image(xy, level0_shape(images[he]), element=he)
