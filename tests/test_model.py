@@ -148,16 +148,16 @@ def test_pooled_features_match_timm(encoder):
 
 @pytest.mark.parametrize(("encoder", "blocks"), [("test_efficientnet", 1), ("test_vit", 2), ("test_resnet", 0)])
 def test_cpu_chunks_give_the_same_features(encoder, blocks, monkeypatch):
-    """Inference on the CPU runs in chunks of settings.cpu_chunk_size: same tokens and pooled features as one pass."""
+    """Inference on the CPU runs in chunks of model.cpu_chunk_size: same tokens and pooled features as one pass."""
     m = _model(image_encoder=encoder, image_trainable_blocks=blocks).eval()
     x = torch.rand(7, 3, 64, 64)
     with torch.no_grad():
-        monkeypatch.setattr(ct.settings, "_cpu_chunk_size", None)
+        m.cpu_chunk_size = None
         whole = m.image(x)
         calls = []
         u = (m.image.prefix_units or m.image.suffix_units)[0]  # the first unit sees each chunk once
         monkeypatch.setattr(u, "fn", lambda b, t, f=u.fn: calls.append(len(t)) or f(b, t))
-        monkeypatch.setattr(ct.settings, "_cpu_chunk_size", 3)
+        m.cpu_chunk_size = 3
         chunked = m.image(x)
     assert calls == [3, 3, 1]
     for a, b in zip(whole, chunked, strict=True):
@@ -166,6 +166,16 @@ def test_cpu_chunks_give_the_same_features(encoder, blocks, monkeypatch):
     calls.clear()
     m.image(x)
     assert calls == ([3, 3, 1] if m.image.prefix_units else [7])  # the frozen prefix still runs in chunks
+
+
+def test_tools_apply_the_cpu_chunk_size_setting(monkeypatch):
+    """The model layer never reads settings: the tools pass settings.cpu_chunk_size to the model they run."""
+    from comtip.tl._utils import get_model
+
+    m = _model()
+    assert m.cpu_chunk_size == 4
+    monkeypatch.setattr(ct.settings, "_cpu_chunk_size", 2)
+    assert get_model(m).image.cpu_chunk_size == 2
 
 
 def test_cpu_chunk_size_setting_is_validated():

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0.dev0"
-
 from . import datasets, io, pl, pp, tl
 from ._logging import logger
 from ._settings import settings
+from ._version import __version__
 from .corpus import Corpus
 
 __all__ = ["CoMTIP", "CoMTIPConfig", "Corpus", "datasets", "io", "logger", "pl", "pp", "settings", "tl", "__version__"]

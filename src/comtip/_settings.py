@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,9 +95,9 @@ class Settings:
 
     @model.setter
     def model(self, value: CoMTIP | None) -> None:
-        from .model import CoMTIP
-
-        if value is not None and not isinstance(value, CoMTIP):
+        # the model module is loaded whenever a CoMTIP exists: look it up instead of importing it (no import circle)
+        loaded = sys.modules.get("comtip.model._comtip")
+        if value is not None and (loaded is None or not isinstance(value, loaded.CoMTIP)):
             msg = f"settings.model must be a comtip.CoMTIP, not {type(value).__name__}."
             raise TypeError(msg)
         self._model = value

@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="CoMTIP for spatial transcriptomics: pretrain on H&E + spots, embed, predict expression zero-shot, evaluate.",
         epilog=EPILOG,
     )
-    from . import __version__
+    from ._version import __version__
 
     p.add_argument("--version", action="version", version=f"comtip {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -1,10 +1,17 @@
-"""The CoMTIP model: pure torch modules, no AnnData.
+"""The CoMTIP model: torch modules only, no AnnData.
 
-Image tower + Masked Feature Modeling, Gene-Text Encoder + value embeddings, Pair-aware Adversarial Training,
-InfoNCE and the value-level prompt loss, the config dataclass, and safetensors save/load.
+- ``_module.py``: :class:`CoMTIPModule`, the network as a pure ``nn.Module`` (towers, heads, temperatures, read-out);
+  ``_objectives.py``: how a batch becomes its training losses.
+- ``_comtip.py``: :class:`CoMTIP`, the user's model = the module + gene names, history, reference bank, files
+  (``_io.py``: safetensors save/load, the Hub).
+- Parts: ``_image.py`` (image tower + MFM) on ``_backbones.py`` (timm backbones, offline weights), ``_gene.py``
+  (Gene-Text Encoder + value embeddings), ``_paat.py`` (Pair-aware Adversarial Training), ``_losses.py``
+  (InfoNCE, prompt loss, heads), ``_config.py`` (the config dataclass), ``_inference.py`` (batched encoding).
 """
 
-from ._comtip import CoMTIP, DepthHead
+from ._comtip import CoMTIP
+from ._module import CoMTIPModule
+from ._objectives import DepthHead
 from ._config import LOSS_WEIGHTS, CoMTIPConfig
 from ._gene import GeneEncoderOutput, GeneTextEncoder, sentence_dropout
 from ._image import (
@@ -15,6 +22,7 @@ from ._image import (
     load_efficientnet_lite0_package_weights,
     random_token_mask,
 )
+from ._inference import embed_images
 from ._io import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, state_dict_checksum
 from ._losses import info_nce, prompt_loss, two_hot_targets
 from ._paat import pair_swap
@@ -26,6 +34,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "CoMTIP",
     "CoMTIPConfig",
+    "CoMTIPModule",
     "DepthHead",
     "GeneEncoderOutput",
     "GeneTextEncoder",
@@ -33,6 +42,7 @@ __all__ = [
     "MaskFeatureGenerator",
     "create_backbone",
     "dihedral_transforms",
+    "embed_images",
     "info_nce",
     "load_efficientnet_lite0_package_weights",
     "pair_swap",

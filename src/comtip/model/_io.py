@@ -97,7 +97,7 @@ def _write_json(obj: dict[str, Any], path: Path) -> None:
 
 def save_model(model: CoMTIP, path: str | PathLike, *, overwrite: bool = False) -> Path:
     """Write ``model`` to the folder ``path`` atomically; see :meth:`comtip.CoMTIP.save`."""
-    from .. import __version__
+    from .._version import __version__
 
     target = Path(path).expanduser().absolute()
     if target.exists():
@@ -223,7 +223,7 @@ def _read_reference(folder: Path, meta: dict[str, Any], genes: list[str]) -> dic
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    from .. import __version__
+    from .._version import __version__
 
     file = folder / CONFIG_FILE
     if not file.is_file():
@@ -271,9 +271,8 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
         raise ValueError(msg) from e
 
 
-def load_model(path: str | PathLike, *, device: str | torch.device | None = None) -> CoMTIP:
-    """Load a model folder; see :meth:`comtip.CoMTIP.load`."""
-    from ._comtip import CoMTIP
+def load_model(path: str | PathLike, *, device: str | torch.device | None = None, model_class: type[CoMTIP]) -> CoMTIP:
+    """Load a model folder as ``model_class`` (:class:`comtip.CoMTIP`); see :meth:`comtip.CoMTIP.load`."""
     from ._config import CoMTIPConfig
 
     folder = Path(path).expanduser()
@@ -315,7 +314,7 @@ def load_model(path: str | PathLike, *, device: str | torch.device | None = None
         )
         raise ValueError(msg)
     try:
-        model = CoMTIP(
+        model = model_class(
             config,
             genes,
             tensors[_TEXT_KEY] if config.uses_text else None,
@@ -412,6 +411,22 @@ def push_to_hub(
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
     return str(getattr(info, "commit_url", info))
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_pretrained(path_or_name: str | PathLike, *, revision: str | None = None) -> Path:
+    """The local folder of a model: ``path_or_name`` itself when it exists, else a Hub id's downloaded snapshot."""
+    path = Path(path_or_name).expanduser()
+    if path.exists():
+        return path
+    name = str(path_or_name)
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        log.warning("downloading model %s from the Hugging Face Hub", name)
+        return download_from_hub(name, revision=revision)
+    msg = f"No model folder at {str(path)!r}, and {name!r} is not a Hugging Face Hub id ('user/name')."
+    raise FileNotFoundError(msg)
 
 
 def download_from_hub(repo_id: str, *, revision: str | None = None, token: str | None = None) -> Path:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
-from pathlib import Path
 
-from .._logging import logger
 from .._settings import settings
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def load_model(path_or_name: str | os.PathLike, *, device: str | None = None, revision: str | None = None):
     """Load a CoMTIP model and make it the current model (:attr:`comtip.settings.model`).
+
+    The same as :meth:`comtip.CoMTIP.from_pretrained`, which only returns the model.
 
     Parameters
     ----------
@@ -37,16 +34,6 @@ def load_model(path_or_name: str | os.PathLike, *, device: str | None = None, re
     """
     from ..model import CoMTIP
 
-    path = Path(path_or_name).expanduser()
-    if path.exists():
-        model = CoMTIP.load(path, device=device)
-    elif _HUB_ID.match(str(path_or_name)) and not str(path_or_name).startswith((".", "/", "~")):
-        from ..model._io import download_from_hub
-
-        logger.warning("downloading model %s from the Hugging Face Hub", path_or_name)
-        model = CoMTIP.load(download_from_hub(str(path_or_name), revision=revision), device=device)
-    else:
-        msg = f"No model folder at {str(path)!r}, and {str(path_or_name)!r} is not a Hugging Face Hub id ('user/name')."
-        raise FileNotFoundError(msg)
+    model = CoMTIP.from_pretrained(path_or_name, device=device, revision=revision)
     settings.model = model
     return model

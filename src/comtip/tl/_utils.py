@@ -35,7 +35,10 @@ def resolve_table(data, table_key: str = C.TABLE_KEY) -> AnnData:
 
 
 def get_model(model: CoMTIP | None) -> CoMTIP:
-    """``model``, or the current model (:attr:`comtip.settings.model`), with a clear error when there is none."""
+    """``model``, or the current model (:attr:`comtip.settings.model`), with a clear error when there is none.
+
+    The model's CPU chunk size is set from :attr:`comtip.settings.cpu_chunk_size` (the tools' runtime setting).
+    """
     from .._settings import settings
 
     if model is not None:
@@ -44,19 +47,21 @@ def get_model(model: CoMTIP | None) -> CoMTIP:
         if not isinstance(model, CoMTIP):
             msg = f"model must be a comtip.CoMTIP, got {type(model).__name__}."
             raise TypeError(msg)
-        return model
-    if settings.model is None:
+    elif settings.model is None:
         msg = (
             "No model given and no current model. Train one with ct.tl.pretrain(sdata), or load one with "
             "ct.tl.load_model('path/to/model') (a folder written by model.save), then call this again."
         )
         raise ValueError(msg)
-    return settings.model
+    else:
+        model = settings.model
+    model.cpu_chunk_size = settings.cpu_chunk_size
+    return model
 
 
 def model_provenance(model: CoMTIP) -> dict[str, Any]:
     """Name, comtip version and weights checksum of a model, for ``.uns['comtip']``."""
-    from .. import __version__
+    from .._version import __version__
 
     return {"model": model.name, "comtip_version": __version__, "weights_sha256": model.weights_checksum()}
 
