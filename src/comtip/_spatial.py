@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -78,15 +79,21 @@ def nearest_neighbour_spacing(xy: np.ndarray) -> float:
     return float(np.median(d[:, 1]))
 
 
-def neighbour_means(xy: np.ndarray, groups: np.ndarray, *, radius: float = 1.5):
-    """The (n, n) sparse operator whose row i averages the neighbours of point i (row i of the identity if none).
+def spatial_graph(xy: np.ndarray, groups: np.ndarray, *, radius: float = 1.5):
+    """The (n, n) sparse 0/1 adjacency of spatial neighbours, built with :func:`squidpy.gr.spatial_neighbors_radius`.
 
     Neighbours are the other points of the same group (a section) within ``radius`` times that group's spot spacing
     (median nearest-neighbour distance): with the default 1.5, the 8 spots around a spot of a square ST grid, the 6
-    of a hexagonal Visium grid. Build it once per set of spots and apply it with :func:`mix_with_neighbours`.
+    of a hexagonal Visium grid. squidpy builds each group's radius graph (its ``spatial_connectivities``).
     """
+    import warnings
+
+    import anndata as ad
     from scipy import sparse
-    from scipy.spatial import cKDTree
+
+    with warnings.catch_warnings():  # squidpy's docstring machinery warns on import
+        warnings.simplefilter("ignore", SyntaxWarning)
+        import squidpy as sq
 
     xy, groups = np.asarray(xy, dtype=float), np.asarray(groups)
     n = len(xy)
@@ -96,11 +103,39 @@ def neighbour_means(xy: np.ndarray, groups: np.ndarray, *, radius: float = 1.5):
         spacing = nearest_neighbour_spacing(xy[m])
         if not np.isfinite(spacing) or spacing <= 0:
             continue
-        pairs = cKDTree(xy[m]).query_pairs(radius * spacing, output_type="ndarray")  # i < j, no self-pairs
-        rows += [m[pairs[:, 0]], m[pairs[:, 1]]]
-        cols += [m[pairs[:, 1]], m[pairs[:, 0]]]
+        section = ad.AnnData(obsm={"spatial": xy[m]}, shape=(len(m), 0))
+        with _quiet_squidpy():
+            result = sq.gr.spatial_neighbors_radius(section, radius=radius * spacing, copy=True)
+        conn = result.connectivities.tocoo()
+        rows.append(m[conn.row])
+        cols.append(m[conn.col])
     r, c = np.concatenate(rows), np.concatenate(cols)
-    adj = sparse.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, n))
+    return sparse.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, n))
+
+
+@contextlib.contextmanager
+def _quiet_squidpy():
+    """Silence the INFO line squidpy logs (through spatialdata's logger) for every graph it builds."""
+    import logging
+
+    log = logging.getLogger("spatialdata._logging")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def neighbour_means(xy: np.ndarray, groups: np.ndarray, *, radius: float = 1.5):
+    """The (n, n) sparse operator whose row i averages the neighbours of point i (row i of the identity if none).
+
+    The neighbours are those of :func:`spatial_graph` (squidpy's radius graph per section, ``radius`` spot
+    spacings). Build it once per set of spots and apply it with :func:`mix_with_neighbours`.
+    """
+    from scipy import sparse
+
+    adj = spatial_graph(xy, groups, radius=radius)
     deg = np.asarray(adj.sum(1)).ravel()
     lone = (deg == 0).astype(float)
     return (sparse.diags(1.0 / np.maximum(deg, 1)) @ adj + sparse.diags(lone)).tocsr()
