@@ -1,6 +1,6 @@
 """The CoMTIP model: torch modules only, no AnnData.
 
-- ``_module.py``: :class:`CoMTIPModule`, the network as a pure ``nn.Module`` (towers, heads, temperatures, read-out);
+- ``_network.py``: :class:`CoMTIPNetwork`, the network as a pure ``nn.Module`` (towers, heads, temperatures, read-out);
   ``_objectives.py``: how a batch becomes its training losses.
 - ``_comtip.py``: :class:`CoMTIP`, the user's model = the module + gene names, history, reference bank, files
   (``_io.py``: safetensors save/load, the Hub).
@@ -10,8 +10,6 @@
 """
 
 from ._comtip import CoMTIP
-from ._module import CoMTIPModule
-from ._objectives import DepthHead
 from ._config import LOSS_WEIGHTS, CoMTIPConfig
 from ._gene import GeneEncoderOutput, GeneTextEncoder, sentence_dropout
 from ._image import (
@@ -25,6 +23,8 @@ from ._image import (
 from ._inference import embed_images
 from ._io import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, state_dict_checksum
 from ._losses import info_nce, prompt_loss, two_hot_targets
+from ._network import CoMTIPNetwork
+from ._objectives import DepthHead
 from ._paat import pair_swap
 
 __all__ = [
@@ -34,7 +34,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "CoMTIP",
     "CoMTIPConfig",
-    "CoMTIPModule",
+    "CoMTIPNetwork",
     "DepthHead",
     "GeneEncoderOutput",
     "GeneTextEncoder",

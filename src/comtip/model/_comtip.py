@@ -1,6 +1,6 @@
 """The user's CoMTIP model: the network plus its gene panel, training record, reference bank and files.
 
-:class:`CoMTIP` is the :class:`~comtip.model.CoMTIPModule` network (``_module.py``) with what a user works with:
+:class:`CoMTIP` is the :class:`~comtip.model.CoMTIPNetwork` network (``_network.py``) with what a user works with:
 the gene names, the training history and summary, the reference bank of the training spots,
 ``save`` / ``load`` / ``from_pretrained`` / ``push_to_hub`` (``_io.py``) and :meth:`CoMTIP.add_genes`.
 """
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._config import CoMTIPConfig
-from ._module import CoMTIPModule
+from ._network import CoMTIPNetwork
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _check_levels(levels: Tensor, n_genes: int, k: int, name: str = "value_level
         raise ValueError(msg)
 
 
-class CoMTIP(CoMTIPModule):
+class CoMTIP(CoMTIPNetwork):
     """CoMTIP: contrastive masked text-image pretraining for spatial transcriptomics.
 
     One embedding space for H&E tiles (a timm image tower trained with Masked Feature Modeling) and gene
@@ -62,7 +62,7 @@ class CoMTIP(CoMTIPModule):
     aligned by InfoNCE, plus a value-level prompt loss that trains the zero-shot read-out of expression from
     single-gene prompts.
 
-    The network itself is :class:`~comtip.model.CoMTIPModule` (this class's parent); :class:`CoMTIP` adds the gene
+    The network itself is :class:`~comtip.model.CoMTIPNetwork` (this class's parent); :class:`CoMTIP` adds the gene
     names, :attr:`history`, :attr:`training_summary`, :attr:`reference` and the files.
 
     Parameters

@@ -1,6 +1,6 @@
 """The training objectives of the CoMTIP network: how a batch becomes its losses.
 
-The heads used only by training (depth) live here too. Each function takes the :class:`CoMTIPModule` and a batch
+The heads used only by training (depth) live here too. Each function takes the :class:`CoMTIPNetwork` and a batch
 (see :mod:`comtip.data` for the batch contract); the module's ``training_losses`` / ``readout_losses`` /
 ``masked_value_losses`` methods call them.
 """
@@ -26,7 +26,7 @@ from ._losses import (
 from ._paat import adversarial_loss, discriminator_loss, pair_swap
 
 if TYPE_CHECKING:
-    from ._module import CoMTIPModule
+    from ._network import CoMTIPNetwork
 
 
 class DepthHead(nn.Module):
@@ -83,15 +83,15 @@ class DepthHead(nn.Module):
         return self.mlp(pooled).squeeze(-1).float() * self.running_var.float().sqrt() + self.running_mean.float()
 
 
-def check_batch(m: CoMTIPModule, batch: Mapping[str, Tensor], keys: Sequence[str]) -> None:
+def check_batch(m: CoMTIPNetwork, batch: Mapping[str, Tensor], keys: Sequence[str]) -> None:
     missing = [k for k in keys if k not in batch]
     if missing:
         msg = f"The batch lacks {missing} (it has {sorted(batch)}); see the batch contract in comtip.data."
         raise ValueError(msg)
 
 
-def training_losses(m: CoMTIPModule, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """See :meth:`CoMTIPModule.training_losses`."""
+def training_losses(m: CoMTIPNetwork, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """See :meth:`CoMTIPNetwork.training_losses`."""
     cfg = m.config
     weights = cfg.loss_weights()
     uses_image = cfg.uses_contrastive or any(weights[k] > 0 for k in ("prompt", "mfm", "depth"))
@@ -167,13 +167,13 @@ def training_losses(m: CoMTIPModule, batch: Mapping[str, Tensor]) -> dict[str, T
     return total(m, parts)
 
 
-def total(m: CoMTIPModule, parts: dict[str, Tensor]) -> dict[str, Tensor]:
+def total(m: CoMTIPNetwork, parts: dict[str, Tensor]) -> dict[str, Tensor]:
     weights = m.config.loss_weights()
     total = sum(weights[k] * v for k, v in parts.items())
     return {"loss": total, **parts}
 
 
-def mfm_part(m: CoMTIPModule, feats: Tensor, full_tokens: Tensor) -> Tensor:
+def mfm_part(m: CoMTIPNetwork, feats: Tensor, full_tokens: Tensor) -> Tensor:
     batch = full_tokens.shape[0]
     hidden, visible_idx, hidden_idx = random_token_mask(
         batch, m.image.num_tokens, m.config.mask_ratio, device=full_tokens.device
@@ -186,7 +186,7 @@ def mfm_part(m: CoMTIPModule, feats: Tensor, full_tokens: Tensor) -> Tensor:
 
 
 def prompt_part(
-    m: CoMTIPModule, pooled: Tensor, expr: Tensor, kind: str = "two_hot", mask: Tensor | None = None
+    m: CoMTIPNetwork, pooled: Tensor, expr: Tensor, kind: str = "two_hot", mask: Tensor | None = None
 ) -> Tensor:
     if expr.dim() != 2 or expr.shape != (pooled.shape[0], m.n_genes):
         msg = f"batch['expr'] must have shape (B, n_genes) = ({pooled.shape[0]}, {m.n_genes}), got {tuple(expr.shape)}."
@@ -203,7 +203,7 @@ def prompt_part(
     return loss(image, prompt, levels, values, m._read_scale(genes), mask=mask[:, genes])
 
 
-def mvm_part(m: CoMTIPModule, idx: Tensor, val: Tensor, mask: Tensor) -> Tensor:
+def mvm_part(m: CoMTIPNetwork, idx: Tensor, val: Tensor, mask: Tensor) -> Tensor:
     batch, length = idx.shape
     n = mask.sum(dim=1)
     n_hide = torch.where(n > 0, (n.float() * m.config.mvm_mask_ratio).round().long().clamp_min(1), 0)
@@ -217,8 +217,8 @@ def mvm_part(m: CoMTIPModule, idx: Tensor, val: Tensor, mask: Tensor) -> Tensor:
     return F.mse_loss(pred[hidden], val[hidden])
 
 
-def readout_losses(m: CoMTIPModule, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """See :meth:`CoMTIPModule.readout_losses`."""
+def readout_losses(m: CoMTIPNetwork, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """See :meth:`CoMTIPNetwork.readout_losses`."""
     if not m.config.uses_prompt:
         msg = "The read-out stage trains the prompt loss: it needs a model with prompt_weight > 0."
         raise ValueError(msg)
@@ -228,8 +228,8 @@ def readout_losses(m: CoMTIPModule, batch: Mapping[str, Tensor]) -> dict[str, Te
     return {"loss": loss, "readout" if kind == "mse" else "prompt": loss}
 
 
-def masked_value_losses(m: CoMTIPModule, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """See :meth:`CoMTIPModule.masked_value_losses`."""
+def masked_value_losses(m: CoMTIPNetwork, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """See :meth:`CoMTIPNetwork.masked_value_losses`."""
     if not hasattr(m, "mvm_head"):
         msg = "Masked value modeling needs a model built with mvm_weight > 0 (CoMTIPConfig(mvm_weight=1.0))."
         raise ValueError(msg)

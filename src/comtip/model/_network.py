@@ -28,7 +28,7 @@ from ._paat import PairDiscriminator
 log = logging.getLogger(__name__)
 
 
-class CoMTIPModule(nn.Module):
+class CoMTIPNetwork(nn.Module):
     """The CoMTIP network: image tower + MFM, Gene-Text Encoder + PAAT, projection heads and temperatures.
 
     A pure :class:`torch.nn.Module` — what training and inference run. Users work with :class:`~comtip.CoMTIP`,
@@ -186,7 +186,7 @@ class CoMTIPModule(nn.Module):
         self._prompt_cache = None
 
     # ================================================================== state / cache
-    def train(self, mode: bool = True) -> CoMTIPModule:
+    def train(self, mode: bool = True) -> CoMTIPNetwork:
         """Set training mode (invalidates the prompt-embedding cache)."""
         self._state_counter += 1
         return super().train(mode)
