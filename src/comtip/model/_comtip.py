@@ -99,7 +99,7 @@ class CoMTIP(CoMTIPNetwork):
         *,
         load_pretrained: bool = True,
     ) -> None:
-        config = CoMTIPConfig() if config is None else config
+        config = CoMTIPConfig.cpu() if config is None else config
         if not isinstance(config, CoMTIPConfig):
             msg = f"config must be a CoMTIPConfig, not {type(config).__name__}."
             raise TypeError(msg)

@@ -36,7 +36,9 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 class CoMTIPConfig:
     """Every setting of a :class:`comtip.CoMTIP` model.
 
-    The defaults are the offline CPU preset (:meth:`cpu`). Every loss part is switched off by setting its
+    One preset is the default wherever no config is given (``ct.tl.pretrain``, ``CoMTIP(None, ...)``, the CLI):
+    :meth:`cpu`, the offline CPU preset. The field defaults below are the base values the presets start from; they
+    differ from :meth:`cpu` in ``projection``, ``gene_dim`` and ``n_prompt_genes``. Every loss part is switched off by setting its
     weight to 0: its modules are then not built (no unused parameters under DDP) and its key is absent from
     :meth:`comtip.CoMTIP.training_losses`.
 
