@@ -188,3 +188,198 @@ def test_sync_batchnorm_keeps_the_activations_of_timm_norm_act_layers(monkeypatc
     monkeypatch.setattr("lightning.pytorch.Trainer", trainer)
     with pytest.raises(Stop):
         _fit.fit(model, list(range(8)), batch_size=4, precision="32-true", show_progress_bar=False)
+
+
+# ------------------------------------------------------------------ training settings, data prepared once, checkpoints
+def test_train_config_defaults_overrides_and_errors(sdata):
+    import comtip as ct
+    from comtip.tl._pretrain import training_settings
+    from comtip.train import TrainConfig
+
+    tc = TrainConfig()
+    assert (tc.max_epochs, tc.batch_size, tc.lr, tc.readout_epochs, tc.readout_refit) == (20, 32, 1e-3, 30, False)
+    # flat keywords override the fields of training=, without a warning
+    base = TrainConfig(max_epochs=5, batch_size=16)
+    got = training_settings(base, {"max_epochs": 2, "seed": 3})
+    assert (got.max_epochs, got.batch_size, got.seed) == (2, 16, 3)
+    assert base.max_epochs == 5  # not modified
+    with pytest.raises(TypeError, match=r"max_epoch.*TrainConfig: max_epochs"):
+        ct.tl.pretrain(sdata, config=ct.CoMTIPConfig.tiny(), max_epoch=1)  # refused before any work
+    with pytest.raises(TypeError, match="TrainConfig"):
+        ct.tl.pretrain(sdata, training={"max_epochs": 1})
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(TypeError, match="Unknown training setting"):
+        tc.replace(epochs=3)
+
+
+def test_train_config_and_flat_keywords_train_alike(sdata):
+    import comtip as ct
+    from comtip.train import TrainConfig
+
+    kw = {"config": ct.CoMTIPConfig.tiny(), "n_genes": 30, "validation": None}
+    flat = ct.tl.pretrain(sdata, max_epochs=1, readout_epochs=0, batch_size=16, accelerator="cpu", seed=2, **kw)
+    grouped = ct.tl.pretrain(
+        sdata, training=TrainConfig(max_epochs=1, readout_epochs=0, batch_size=16, accelerator="cpu", seed=2), **kw
+    )
+    assert flat.weights_checksum() == grouped.weights_checksum()
+
+
+def test_pretrain_prepares_each_spot_and_tile_once(sdata_factory, monkeypatch):
+    """One SpotDataset for the training + validation spots (tiles read once), one for the count-only spots."""
+    import warnings
+
+    import comtip as ct
+    from comtip.data import SpotDataset, TileReader
+
+    sd = sdata_factory(sections=("S1", "S2", "S3", "S4"))
+    ct.pp.spot_tiles(sd, tile_size_um=40, tile_size_px=64)
+    del sd.images["S4_he"]  # S4: count-only
+    builds, rows_read = [], []
+    init, read = SpotDataset.__init__, TileReader.read
+
+    def counting_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        builds.append(list(self.obs_names))
+
+    def counting_read(self, rows, **kwargs):
+        rows_read.extend(int(r) for r in np.asarray(rows))
+        return read(self, rows, **kwargs)
+
+    monkeypatch.setattr(SpotDataset, "__init__", counting_init)
+    monkeypatch.setattr(TileReader, "read", counting_read)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = ct.tl.pretrain(
+            sd,
+            config=ct.CoMTIPConfig.tiny(),
+            gene_pretrain_epochs=1,
+            max_epochs=1,
+            readout_epochs=1,
+            readout_refit=True,  # every view: genes, train, validation, augmented validation, train + validation
+            batch_size=16,
+            n_genes=30,
+            accelerator="cpu",
+            seed=0,
+        )
+    s = model.training_summary
+    assert s["count_only_sections"] == ["S4"] and s["stages"][-1]["stage"] == "readout_refit"
+    assert len(builds) == 2
+    assert len(builds[0]) == s["n_train_spots"] + s["n_val_spots"] and len(builds[1]) == 36
+    assert not set(builds[0]) & set(builds[1])  # each spot normalised once
+    assert sorted(rows_read) == list(range(len(builds[0])))  # each tile read once (reference included)
+
+
+def test_spot_dataset_views_match_datasets_of_their_own(sdata):
+    import torch
+
+    from comtip.data import SpotDataset
+
+    panel = list(sdata.tables["table"].var_names[:20])
+    names = list(sdata.tables["table"].obs_names)
+    base = SpotDataset(sdata, genes=panel, sentence_length=8, obs_names=names, cache_tiles=True)
+    pos = np.arange(40, 10, -3)
+    view = base.subset(pos, augment=True, seed=5)
+    alone = SpotDataset(sdata, genes=panel, sentence_length=8, obs_names=[names[i] for i in pos], augment=True, seed=5)
+    for ds in (view, alone):
+        ds.set_epoch(2)
+    a, b = view.__getitems__([0, 4, 7]), alone.__getitems__([0, 4, 7])
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=0)
+    np.testing.assert_array_equal(view.tile_read_order(), alone.tile_read_order())
+    genes = view.subset([1, 2], images=False)
+    assert "image" not in genes[0] and genes.reader is None and view.reader is not None
+    both = SpotDataset.concat([genes, base.subset([0])])
+    assert list(both.obs_names) == [names[pos[1]], names[pos[2]], names[0]]
+    np.testing.assert_array_equal(both.expr[2], base.expr[0])
+
+
+def test_atomic_checkpoint_io_keeps_the_last_good_file(tmp_path, monkeypatch):
+    import torch
+
+    from comtip.train import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "ckpt" / "contrastive-last.ckpt"
+    io.save_checkpoint({"epoch": 1, "w": torch.arange(3)}, path)
+    real_save = torch.save
+
+    def killed_mid_write(obj, f, *args, **kwargs):
+        f.write(b"partial bytes of a checkpoint")
+        raise KeyboardInterrupt  # e.g. the job's time is up
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 2, "w": torch.arange(5)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    kept = torch.load(path, weights_only=True)
+    assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.arange(3))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["contrastive-last.ckpt"]  # no temporary file left
+
+
+def test_fit_writes_through_the_atomic_io_and_skips_non_finite_best(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from comtip.train import AtomicCheckpointIO, BestCheckpoint, _fit
+
+    class Stop(Exception):
+        pass
+
+    def trainer(**kwargs):
+        assert any(isinstance(p, AtomicCheckpointIO) for p in kwargs["plugins"])
+        raise Stop
+
+    monkeypatch.setattr("lightning.pytorch.Trainer", trainer)
+    with pytest.raises(Stop):
+        _fit.fit(_tiny_model(), list(range(8)), batch_size=4, precision="32-true", show_progress_bar=False)
+
+    # an epoch whose monitored value is NaN or missing is never kept as the best
+    best = BestCheckpoint("/nonexistent", stage="contrastive", monitor="val/recall5")
+    called = []
+    monkeypatch.setattr("lightning.pytorch.callbacks.ModelCheckpoint.on_train_epoch_end", lambda *a: called.append(1))
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
+    for metrics in ({"val/recall5": torch.tensor(float("nan"))}, {}, {"val/recall5": torch.tensor(0.5)}):
+        best.on_train_epoch_end(SimpleNamespace(callback_metrics=metrics, strategy=strategy), None)
+    assert called == [1]
+
+
+def test_best_epoch_is_restored_and_set_data_is_deprecated(sdata, tmp_path):
+    import torch
+
+    import comtip as ct
+    from comtip.data import SpotDataset
+    from comtip.train import fit
+    from comtip.train._module import CoMTIPModule
+
+    genes = list(sdata.tables["table"].var_names[:12])
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(len(genes), 8), dim=1)
+    model = ct.CoMTIP(ct.CoMTIPConfig.tiny(), genes, text, torch.linspace(0, 3, 4).repeat(len(genes), 1))
+    ds = SpotDataset(sdata, genes=genes, sentence_length=8, cache_tiles=True)
+    train, val = ds.subset(np.arange(48), augment=True), ds.subset(np.arange(48, 72))
+    summary = fit(
+        model,
+        train,
+        val,
+        max_epochs=3,
+        batch_size=16,
+        lr=1e-3,
+        accelerator="cpu",
+        checkpoint_dir=tmp_path,
+        show_progress_bar=False,
+        monitor="val/recall5",
+    )
+    recall = [h["val_recall5"] for h in model.history]
+    assert summary["best_epoch"] == int(np.argmax(recall)) and summary["best_value"] == round(max(recall), 4)
+    assert {p.name for p in tmp_path.iterdir()} == {"contrastive-last.ckpt", "contrastive-best.ckpt"}
+    best = torch.load(tmp_path / "contrastive-best.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, best[f"model.{k}"].to(v.device)) for k, v in model.state_dict().items())
+
+    module = CoMTIPModule(model)
+    with pytest.warns(DeprecationWarning, match="CoMTIPDataModule"):
+        module.set_data(train, val, batch_size=16)
+    assert len(module.train_dataloader()) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,9 @@ class SpotDataset:
     ``expr`` (G,) the log-normalised panel expression, ``depth`` () the log total count, and ``index``
     (row of the table). Tiles are read in batches: use it with a DataLoader whose sampler yields
     batches of indices (``make_loader``), so :meth:`__getitems__` reads a whole batch at once.
+
+    Build it once for all the spots a task needs, then take :meth:`subset` views (training, validation, with or
+    without augmentation or tiles): they share the tiles read (or cached) once and the expression normalised once.
 
     Parameters
     ----------
@@ -115,8 +119,11 @@ class SpotDataset:
         self.seed = seed
         self.epoch = 0
         self._tiles = None
+        # each sample's row of the tile reader and of the cached tiles (None: sample i is row i): set in views
+        self._reader_rows: np.ndarray | None = None
+        self._cache_rows: np.ndarray | None = None
         if cache_tiles and self.reader is not None:
-            self._tiles = self.read_all_tiles()
+            self.cache_tiles()
 
     def __len__(self) -> int:
         return len(self.obs_names)
@@ -125,25 +132,49 @@ class SpotDataset:
         """Set the epoch, so augmentation differs between epochs but is reproducible."""
         self.epoch = int(epoch)
 
+    def _reader(self, idx: np.ndarray) -> np.ndarray:
+        """Rows of the tile reader of samples ``idx``."""
+        return idx if self._reader_rows is None else self._reader_rows[idx]
+
+    def _cached(self, idx: np.ndarray) -> np.ndarray:
+        """Rows of the cached tiles of samples ``idx``."""
+        return idx if self._cache_rows is None else self._cache_rows[idx]
+
+    def tile_read_order(self) -> np.ndarray:
+        """An order of this dataset's samples that reads the image chunks about once (:meth:`TileReader.read_order`)."""
+        return self.reader.read_order(self._reader_rows)
+
     def read_all_tiles(self, batch_size: int = 256):
         """All tiles as one uint8 tensor ``(n, 3, P, P)``, read in batches sorted by image."""
         import torch
 
         from .._progress import progress
 
-        order = self.reader.read_order()
+        if self._tiles is not None:  # cached already
+            return self._tiles[torch.from_numpy(self._cached(np.arange(len(self))))]
+        order = self.tile_read_order()
         out = torch.empty((len(self), 3, self.reader.out_size, self.reader.out_size), dtype=torch.uint8)
         for i in progress(range(0, len(order), batch_size), desc="reading tiles"):
-            rows = order[i : i + batch_size]
-            out[torch.from_numpy(rows)] = self.reader.read(rows)
+            idx = order[i : i + batch_size]
+            out[torch.from_numpy(idx)] = self.reader.read(self._reader(idx))
         return out
+
+    def cache_tiles(self) -> None:
+        """Read all tiles now, once, and keep them in memory (uint8); views taken afterwards share them."""
+        if self.reader is None or self._tiles is not None:
+            return
+        self._tiles = self.read_all_tiles()
+        self._cache_rows = None
 
     def images(self, indices: Sequence[int]):
         """Float tiles in [0, 1] ``(n, 3, P, P)`` of the given samples (augmented if the dataset augments)."""
         import torch
 
         idx = np.asarray(indices, dtype=np.int64)
-        raw = self._tiles[torch.from_numpy(idx)] if self._tiles is not None else self.reader.read(idx)
+        if self._tiles is not None:
+            raw = self._tiles[torch.from_numpy(self._cached(idx))]
+        else:
+            raw = self.reader.read(self._reader(idx))
         img = raw.float().div_(255.0)
         if self.augment:
             out = []
@@ -152,6 +183,80 @@ class SpotDataset:
                 out.append(augment(img[j : j + 1], rng, colour_jitter=self.colour_jitter))
             img = torch.cat(out)
         return img
+
+    def subset(
+        self,
+        indices: Sequence[int],
+        *,
+        images: bool = True,
+        augment: bool | None = None,
+        seed: int | None = None,
+    ) -> SpotDataset:
+        """A view of some samples: sample i of the view is sample ``indices[i]`` here.
+
+        The view shares this dataset's tile reader and cached tiles (nothing is read again) and takes its rows of
+        the expression, depth and gene sentences (nothing is normalised again). Augmentation of the view is seeded
+        by (seed, epoch, index in the view), as in a dataset built on those spots alone.
+
+        Parameters
+        ----------
+        indices
+            Positions of the samples in this dataset.
+        images
+            Keep the tiles (``False``: expression only, as with ``tiles_key=None``).
+        augment
+            Augment the view's tiles (``None``: as this dataset).
+        seed
+            Seed of the view's augmentation (``None``: this dataset's).
+
+        Returns
+        -------
+        A :class:`SpotDataset`.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        view = copy.copy(self)
+        view.obs_names = self.obs_names[idx]
+        view.rows = self.rows[idx]
+        if self.genes is not None:
+            for name in ("expr", "depth", "gene_idx", "gene_val", "gene_mask"):
+                setattr(view, name, getattr(self, name)[idx])
+        if images and self.reader is not None:
+            view._reader_rows = self._reader(idx)
+            view._cache_rows = self._cached(idx) if self._tiles is not None else None
+        else:
+            view.reader, view._tiles, view._reader_rows, view._cache_rows = None, None, None, None
+        view.augment = self.augment if augment is None else bool(augment)
+        view.seed = self.seed if seed is None else int(seed)
+        view.epoch = 0
+        return view
+
+    @classmethod
+    def concat(cls, parts: Sequence[SpotDataset]) -> SpotDataset:
+        """One expression-only dataset (no tiles) with the samples of ``parts`` in order (same panel and length).
+
+        Parameters
+        ----------
+        parts
+            Datasets with the same ``genes`` and ``sentence_length``.
+
+        Returns
+        -------
+        A :class:`SpotDataset`.
+        """
+        parts = list(parts)
+        if not parts or len({tuple(p.genes or ()) for p in parts}) != 1 or parts[0].genes is None:
+            msg = "SpotDataset.concat needs at least one dataset, all with the same gene panel."
+            raise ValueError(msg)
+        if len({p.sentence_length for p in parts}) != 1:
+            msg = "SpotDataset.concat: the datasets have different sentence lengths."
+            raise ValueError(msg)
+        out = parts[0].subset(np.arange(len(parts[0])), images=False)
+        out.obs_names = pd.Index([o for p in parts for o in p.obs_names])
+        out.rows = np.concatenate([p.rows for p in parts])
+        for name in ("expr", "depth", "gene_idx", "gene_val", "gene_mask"):
+            setattr(out, name, np.concatenate([getattr(p, name) for p in parts]))
+        out.augment = False
+        return out
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         import torch

@@ -88,25 +88,34 @@ class TileReader:
             return max(int(arr.shape[-1]), 1)
         return max(int(arr.chunks[2][0]) * STRIP_CHUNKS, 1)
 
-    def read_order(self) -> np.ndarray:
+    def read_order(self, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Row order that decodes each chunk about once, with a cache that does not grow with the slide.
 
         Rows go by image and level, then in vertical strips of ``STRIP_CHUNKS`` chunk columns, each read top to
         bottom. Row by row across a whole slide would need two full-width chunk rows in the cache, which grows
         with the slide; strips bound it (the chunk column at a strip's edge is decoded twice: 1 in
         ``STRIP_CHUNKS``).
+
+        Parameters
+        ----------
+        rows
+            Order only these rows (default: all). The result is then a permutation of positions into ``rows``, the
+            order a reader of just those rows would give.
         """
-        n = len(self.tiles)
+        tiles = self.tiles if rows is None else self.tiles.iloc[np.asarray(rows, dtype=np.int64)]
+        n = len(tiles)
         strip = np.zeros(n, dtype=np.int64)
         group = np.zeros(n, dtype=np.int64)
-        img = self.tiles["image"].to_numpy()
-        lvl = self.tiles["level"].to_numpy()
-        x0 = self.tiles["x0"].to_numpy(np.int64)
-        for g, ((name, level), arr) in enumerate(self._arrays.items()):
+        img = tiles["image"].to_numpy()
+        lvl = tiles["level"].to_numpy()
+        x0 = tiles["x0"].to_numpy(np.int64)
+        # groups numbered by first appearance among these rows, as in a reader built on them
+        pairs = tiles[["image", "level"]].drop_duplicates().itertuples(index=False)
+        for g, (name, level) in enumerate(pairs):
             sel = (img == name) & (lvl == level)
             group[sel] = g
-            strip[sel] = np.floor_divide(x0[sel], self._strip_px(arr))
-        return np.lexsort((x0, self.tiles["y0"].to_numpy(np.int64), strip, group))
+            strip[sel] = np.floor_divide(x0[sel], self._strip_px(self._arrays[(name, int(level))]))
+        return np.lexsort((x0, tiles["y0"].to_numpy(np.int64), strip, group))
 
     def _working_set_bytes(self) -> int:
         """Cache size for :meth:`read_order`: three chunk rows of a strip (+1 column), or the largest chunk."""

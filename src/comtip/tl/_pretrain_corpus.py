@@ -122,25 +122,20 @@ def pretrain_corpus(
     data,
     *,
     config,
+    training,
     samples: Sequence[str] | None,
     validation,
     n_genes: int,
     text_model: str,
-    max_epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    image_tower_lr_scale: float,
-    readout_epochs: int,
-    readout_lr: float | None,
-    augment: bool,
-    early_stopping_patience: int | None,
-    buffer_size: int,
-    checkpoint_every_n_steps: int | None,
-    n_reference: int,
     common: dict,
 ):
-    """Pretrain on a corpus (see :func:`comtip.tl.pretrain`); nothing held in memory grows with the corpus."""
+    """Pretrain on a corpus (see :func:`comtip.tl.pretrain`); nothing held in memory grows with the corpus.
+
+    ``training`` is the call's :class:`comtip.train.TrainConfig`; ``common`` the keywords of
+    :func:`comtip.train.fit` that every stage shares (with ``num_workers`` and ``show_progress_bar`` resolved).
+    """
+    tc = training
+    batch_size, augment, n_reference = tc.batch_size, tc.augment, tc.n_reference
     import torch
 
     from .._gene_text import gene_text_table
@@ -192,7 +187,7 @@ def pretrain_corpus(
         panel,
         samples=train_s,
         shuffle=True,
-        buffer_size=buffer_size,
+        buffer_size=tc.buffer_size,
         augment=augment,
         drop_last=True,
         **stream_kw,
@@ -222,22 +217,21 @@ def pretrain_corpus(
         names = [g for g in names if measured[panel.index(g)]]
         val_genes = model.gene_index(names).cpu().numpy() if names else None
 
-    common = {**common, "checkpoint_every_n_steps": checkpoint_every_n_steps}
-    readout = readout_epochs > 0 and config.uses_prompt
+    common = {**common, "checkpoint_every_n_steps": tc.checkpoint_every_n_steps}
+    readout = tc.readout_epochs > 0 and config.uses_prompt
     stages = [
         fit(
             model,
             train_ds,
             val_ds,
             stage="contrastive",
-            max_epochs=max_epochs,
+            max_epochs=tc.max_epochs,
             batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            image_tower_lr_scale=image_tower_lr_scale,
+            lr=tc.lr,
+            image_tower_lr_scale=tc.image_tower_lr_scale,
             val_genes=val_genes,
             monitor="val/recall5" if readout else "val/pcc_adj",
-            early_stopping_patience=early_stopping_patience,
+            early_stopping_patience=tc.early_stopping_patience,
             **common,
         )
     ]
@@ -250,10 +244,9 @@ def pretrain_corpus(
                 train_ds,
                 val_ds,
                 stage="readout",
-                max_epochs=readout_epochs,
+                max_epochs=tc.readout_epochs,
                 batch_size=batch_size,
-                lr=readout_lr or lr,
-                weight_decay=weight_decay,
+                lr=tc.readout_lr or tc.lr,
                 val_genes=val_genes,
                 monitor="val/pcc_adj",
                 **common,

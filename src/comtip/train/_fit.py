@@ -1,4 +1,4 @@
-"""Lightning Trainer wiring: precision, devices, checkpoints, exact resume, best-epoch weights, history."""
+"""Lightning Trainer wiring of one training stage: data module, precision, devices, checkpoints, exact resume."""
 
 from __future__ import annotations
 
@@ -14,26 +14,6 @@ import numpy as np
 from .._logging import logger
 
 LAST = "last.ckpt"
-
-
-def _atomic_checkpoint_class():
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    class AtomicCheckpoint(ModelCheckpoint):
-        """ModelCheckpoint that writes to a temporary file and renames it: a kill mid-write keeps the last good one."""
-
-        def _save_checkpoint(self, trainer, filepath: str) -> None:
-            tmp = f"{filepath}.tmp"
-            trainer.save_checkpoint(tmp, self.save_weights_only)
-            if trainer.is_global_zero:
-                os.replace(tmp, filepath)
-            self._last_global_step_saved = trainer.global_step
-            self._last_checkpoint_saved = filepath
-            if trainer.is_global_zero:
-                for logger_ in trainer.loggers:
-                    logger_.after_save_checkpoint(self)
-
-    return AtomicCheckpoint
 
 
 def _freeze_unused(model, module, train, batch_size: int) -> list:
@@ -114,20 +94,27 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``train`` (validating on ``val``) with Lightning; returns a training summary.
 
-    Checkpoints (``last.ckpt``, written at the end of every epoch with the RNG state and the loss history) go to
-    ``checkpoint_dir``; with ``resume=True`` a run finds ``last.ckpt`` there and continues exactly where it
-    stopped (same data order, augmentation and random stream as an uninterrupted run). With a validation set,
-    the weights of the best epoch by ``monitor`` are restored at the end (``restore_best``). ``train`` may be a
-    :class:`comtip.data.CorpusStream`; with ``checkpoint_every_n_steps`` the checkpoint is also written every that many
-    steps, and a streamed run resumes from it mid-epoch exactly as the uninterrupted run would have gone on.
-    ``max_steps`` stops training after that many optimizer steps (the learning-rate schedule spans them). The summary
-    holds ``s_per_step``, the median wall time of a training step with the data wait included.
+    The data go to the Trainer as a :class:`comtip.train.CoMTIPDataModule`. Checkpoints are written by Lightning's
+    ``ModelCheckpoint`` through :class:`comtip.train.AtomicCheckpointIO` (temporary file, then rename) to
+    ``checkpoint_dir``: ``<stage>-last.ckpt`` at the end of every epoch, with the RNG state and the loss history;
+    with ``resume=True`` a run finds it there and continues exactly where it stopped (same data order, augmentation
+    and random stream as an uninterrupted run). With a validation set, ``<stage>-best.ckpt`` holds the weights of
+    the best epoch by ``monitor`` (:class:`comtip.train.BestCheckpoint`), which are loaded back at the end
+    (``restore_best``). The per-epoch history (:class:`comtip.train.EpochHistory`) goes to ``model.history``.
+
+    ``train`` may be a :class:`comtip.data.CorpusStream`; with ``checkpoint_every_n_steps`` the checkpoint is also
+    written every that many steps, and a streamed run resumes from it mid-epoch exactly as the uninterrupted run
+    would have gone on. ``max_steps`` stops training after that many optimizer steps (the learning-rate schedule
+    spans them). The summary holds ``s_per_step``, the median wall time of a training step with the data wait
+    included, and, when weights were restored, ``monitor``, ``best_epoch`` and ``best_value``.
     """
     import lightning.pytorch as L
     import torch
-    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    from ._module import CoMTIPModule, _BestWeights, _StepTimes
+    from ._callbacks import AtomicCheckpointIO, BestCheckpoint, EpochHistory, StepTimes
+    from ._datamodule import CoMTIPDataModule
+    from ._module import CoMTIPModule
 
     _quiet_lightning(show_progress_bar)
     L.seed_everything(seed, workers=True, verbose=False)
@@ -142,7 +129,7 @@ def fit(
         total_steps=min(steps_per_epoch * max_epochs, max_steps or steps_per_epoch * max_epochs),
         val_genes=val_genes,
     )
-    module.set_data(train, val, batch_size=batch_size, num_workers=num_workers, seed=seed)
+    data = CoMTIPDataModule(train, val, batch_size=batch_size, num_workers=num_workers, seed=seed)
 
     tmp = None
     if checkpoint_dir is None:
@@ -154,20 +141,30 @@ def fit(
     has_val = val is not None and len(val) > 0 and stage in ("contrastive", "readout")
     if not has_val or (monitor == "val/pcc_adj" and val_genes is None):
         monitor = "val/recall5" if has_val else None
-    callbacks: list = [
-        _atomic_checkpoint_class()(
+    step_times = StepTimes()
+    callbacks: list = [EpochHistory(stage), step_times]
+    if monitor is not None and early_stopping_patience:
+        callbacks.append(
+            EarlyStopping(monitor=monitor, mode="max", patience=early_stopping_patience, check_on_train_epoch_end=True)
+        )
+    best = None
+    if monitor is not None and restore_best:
+        # before the last checkpoint: the best one of an epoch is on disk before the last one that records it
+        best = BestCheckpoint(ckpt_dir, stage=stage, monitor=monitor)
+        callbacks.append(best)
+    callbacks.append(
+        ModelCheckpoint(
             dirpath=ckpt_dir,
             filename=f"{stage}-last",
-            save_last=False,
             save_top_k=1,
             every_n_epochs=1,
             save_on_train_epoch_end=True,
             enable_version_counter=False,
         )
-    ]
+    )
     if checkpoint_every_n_steps:
         callbacks.append(
-            _atomic_checkpoint_class()(
+            ModelCheckpoint(
                 dirpath=ckpt_dir,
                 filename=f"{stage}-last",
                 save_top_k=1,
@@ -175,16 +172,6 @@ def fit(
                 save_on_train_epoch_end=False,
                 enable_version_counter=False,
             )
-        )
-    step_times = _StepTimes()
-    callbacks.append(step_times)
-    best = None
-    if monitor is not None and restore_best:
-        best = _BestWeights(monitor)
-        callbacks.append(best)
-    if monitor is not None and early_stopping_patience:
-        callbacks.append(
-            EarlyStopping(monitor=monitor, mode="max", patience=early_stopping_patience, check_on_train_epoch_end=True)
         )
 
     precision = precision or default_precision(accelerator)
@@ -198,6 +185,7 @@ def fit(
         precision=precision,
         logger=False,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=show_progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -217,7 +205,8 @@ def fit(
     t0 = time.perf_counter()
     frozen = _freeze_unused(model, module, train, batch_size) if stage in ("genes", "readout") else []
     try:
-        trainer.fit(module, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        best_state = best.best_state(trainer) if best is not None else None  # before the temporary folder goes
     finally:
         module.teardown("fit")  # puts back the original BatchNorm layers if a failed DDP run left them converted
         for p in frozen:
@@ -241,9 +230,9 @@ def fit(
         "seed": int(seed),
         "resumed_from": ckpt_path,
     }
-    if best is not None and best.best is not None:
-        value, epoch, state = best.best
-        model.load_state_dict({k: v.to(model.device) for k, v in state.items()})
+    if best_state is not None:
+        module.load_state_dict(best_state)
+        epoch, value = best.best_epoch, float(best.best_model_score)
         summary.update({"monitor": monitor, "best_epoch": epoch, "best_value": round(value, 4)})
         logger.info("restored the weights of epoch %d (%s = %.4f)", epoch, monitor, value)
     summary["final_metrics"] = {

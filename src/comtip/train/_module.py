@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import time
-from typing import Any
+import warnings
+from functools import partial
 
 import lightning.pytorch as L
 import numpy as np
@@ -58,116 +58,30 @@ def _wants_sync_batchnorm(trainer) -> bool:
     return int(trainer.world_size) > 1 and trainer.strategy.root_device.type == "cuda"
 
 
-class _StreamLoader(torch.utils.data.DataLoader):
-    """The DataLoader of a corpus stream.
+def warmup_cosine(step: int, *, warmup: int, total: int, floor: float = 0.05) -> float:
+    """The learning-rate factor of step ``step``: linear warm-up over ``warmup`` steps, then a cosine decay to ``floor``.
 
-    Its position in the epoch travels in the module's checkpoint (``comtip_stream``: the batches the optimiser has
-    stepped on), which is exact whatever Lightning prefetched; these two methods tell Lightning that it resumes
-    mid-epoch.
+    Used through :class:`torch.optim.lr_scheduler.LambdaLR`. (torch's ``LinearLR`` + ``CosineAnnealingLR`` in a
+    ``SequentialLR`` give the same curve, but computed recursively: the learning rates then differ in the last bits,
+    and so would the trained weights.)
     """
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        return None
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-class _DataHooks:
-    """DataLoaders built inside the Lightning run, where the DDP world size and rank are known."""
-
-    def set_data(self, train, val=None, *, batch_size: int, num_workers: int = 0, seed: int = 0) -> None:
-        self._train_ds, self._val_ds = train, val
-        self._batch_size, self._num_workers, self._seed = int(batch_size), int(num_workers), int(seed)
-
-    def _loader(self, dataset, *, shuffle: bool, drop_last: bool):
-        from torch.utils.data import DataLoader
-
-        from ..data import worker_init_fn
-        from ._data import EpochIndexed, EpochSampler
-
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
-        if hasattr(dataset, "for_rank"):  # a corpus stream: it shards, batches and orders itself
-            stream = dataset.for_rank(world, rank)
-            if shuffle:
-                stream.set_position(*getattr(self, "_stream_position", (0, 0)))
-                self._train_stream = stream
-            return _StreamLoader(
-                stream,
-                batch_size=None,
-                num_workers=self._num_workers,
-                worker_init_fn=worker_init_fn if self._num_workers > 0 else None,
-                persistent_workers=False,  # each epoch's workers take the stream's position with them
-                # its own generator: creating the iterator then draws nothing from the global stream (exact resume)
-                generator=torch.Generator().manual_seed(self._seed),
-            )
-        sampler = EpochSampler(len(dataset), seed=self._seed, shuffle=shuffle, num_replicas=world, rank=rank)
-        n_batches_full = len(sampler) // self._batch_size
-        return DataLoader(
-            EpochIndexed(dataset),
-            batch_size=self._batch_size,
-            sampler=sampler,
-            drop_last=drop_last and n_batches_full > 0,
-            num_workers=self._num_workers,
-            worker_init_fn=worker_init_fn if self._num_workers > 0 else None,
-            persistent_workers=self._num_workers > 0,
-            generator=torch.Generator().manual_seed(self._seed),
-        )
-
-    def train_dataloader(self):
-        return self._loader(self._train_ds, shuffle=True, drop_last=True)
-
-    def val_dataloader(self):
-        if self._val_ds is None:
-            return []
-        return self._loader(self._val_ds, shuffle=False, drop_last=False)
+def _epoch_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the logged loss parts: float64 (exact epoch means, as the history has them), float32 on MPS."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
-class _BestWeights(L.Callback):
-    """Keeps the weights of the best validation epoch (by ``monitor``), in memory and in checkpoints."""
+class CoMTIPModule(L.LightningModule):
+    """Trains a CoMTIP model with AdamW and a warm-up + cosine schedule (:func:`warmup_cosine`).
 
-    def __init__(self, monitor: str) -> None:
-        self.monitor = monitor
-        self.best: tuple[float, int, dict] | None = None
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            return
-        value = float(value)
-        if np.isfinite(value) and (self.best is None or value > self.best[0]):
-            state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
-            self.best = (value, int(trainer.current_epoch), state)
-
-    def state_dict(self) -> dict:
-        return {} if self.best is None else {"value": self.best[0], "epoch": self.best[1], "state": self.best[2]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict:
-            self.best = (state_dict["value"], state_dict["epoch"], state_dict["state"])
-
-
-class _StepTimes(L.Callback):
-    """Wall time between the ends of consecutive training steps (data wait included): the step time a user sees."""
-
-    def __init__(self) -> None:
-        self.last: float | None = None
-        self.times: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        import time
-
-        now = time.perf_counter()
-        if self.last is not None:
-            self.times.append(now - self.last)
-        self.last = now
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.last = None  # validation between epochs is not a training step
-
-
-class CoMTIPModule(_DataHooks, L.LightningModule):
-    """Trains a CoMTIP model with AdamW and a warm-up + cosine schedule.
+    The data come from a :class:`comtip.train.CoMTIPDataModule` (``trainer.fit(module, datamodule=...)``); the
+    per-epoch history from :class:`comtip.train.EpochHistory`, which reads the epoch means of the ``train/*`` loss
+    parts logged here.
 
     Parameters
     ----------
@@ -205,10 +119,46 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
         self.warmup_fraction, self.total_steps = warmup_fraction, max(int(total_steps), 1)
         self.val_genes = None if val_genes is None else torch.as_tensor(val_genes, dtype=torch.long)
         self._val: dict[str, list] = {}
-        self._train_sums: dict[str, float] = {}
-        self._train_n = 0
-        self._epoch_t0 = time.perf_counter()
         self._sync_bn: list = []
+        self._legacy_data = None
+
+    # ------------------------------------------------------------------ data (deprecated: use CoMTIPDataModule)
+    def set_data(self, train, val=None, *, batch_size: int, num_workers: int = 0, seed: int = 0) -> None:
+        """Deprecated: pass ``datamodule=CoMTIPDataModule(train, val, ...)`` to ``trainer.fit`` instead.
+
+        Parameters
+        ----------
+        train, val
+            Training and validation data.
+        batch_size, num_workers, seed
+            As in :class:`comtip.train.CoMTIPDataModule`.
+        """
+        from ._datamodule import CoMTIPDataModule
+
+        warnings.warn(
+            "CoMTIPModule.set_data is deprecated and will be removed: pass the data to the Trainer instead, "
+            "trainer.fit(module, datamodule=comtip.train.CoMTIPDataModule(train, val, batch_size=...)).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        data = CoMTIPDataModule(train, val, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self._legacy_data = data
+
+        def hook(name: str):
+            def loader():
+                data.trainer = self._trainer
+                return getattr(data, name)()
+
+            return loader
+
+        # instance attributes: Lightning then takes the module's own loaders, as before
+        self.train_dataloader = hook("train_dataloader")
+        self.val_dataloader = hook("val_dataloader")
+
+    def _data_module(self):
+        trainer = self._trainer
+        data = trainer.datamodule if trainer is not None else None
+        return data if data is not None else self._legacy_data
 
     # ------------------------------------------------------------------ DDP BatchNorm
     def setup(self, stage: str) -> None:
@@ -246,8 +196,10 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         parts = self._losses(batch)
         n = int(batch["gene_idx"].shape[0])
+        # epoch means weighted by batch size, in float64: Lightning's accumulation is then the exact sum of v * n
+        dtype = _epoch_dtype(parts["loss"].device)
         self.log_dict(
-            {f"train/{k}": v.detach() for k, v in parts.items()},
+            {f"train/{k}": v.detach().to(dtype) for k, v in parts.items()},
             on_step=False,
             on_epoch=True,
             batch_size=n,
@@ -256,26 +208,12 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
         self.log(
             "loss", parts["loss"].detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n, logger=False
         )
-        for k, v in parts.items():
-            self._train_sums[k] = self._train_sums.get(k, 0.0) + float(v.detach()) * n
-        self._train_n += n
         return parts["loss"]
 
     def on_train_epoch_start(self) -> None:
-        stream = getattr(self, "_train_stream", None)
-        if stream is not None:  # a fresh epoch (not the one a resumed run continues): its first batch
-            stream.set_epoch(self.current_epoch)
-        self._train_sums, self._train_n = {}, 0
-        self._epoch_t0 = time.perf_counter()
-
-    def on_train_epoch_end(self) -> None:
-        entry: dict[str, Any] = {"stage": self.stage, "epoch": int(self.current_epoch), "step": int(self.global_step)}
-        entry.update({f"train_{k}": v / max(self._train_n, 1) for k, v in self._train_sums.items()})
-        entry.update(
-            {k.replace("/", "_"): float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
-        )
-        entry["epoch_s"] = round(time.perf_counter() - self._epoch_t0, 2)
-        self.model.history.append(entry)
+        data = self._data_module()
+        if data is not None:  # a fresh epoch (not the one a resumed run continues): a stream's first batch
+            data.start_epoch(self.current_epoch)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -333,15 +271,7 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
         )
         opt = torch.optim.AdamW(groups, lr=self.lr, foreach=True)
         warm = max(1, int(self.warmup_fraction * self.total_steps))
-        total = self.total_steps
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            t = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, warmup=warm, total=self.total_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_end(self) -> None:
@@ -355,11 +285,8 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["comtip_rng"] = {"torch": torch.get_rng_state()}
         checkpoint["comtip_history"] = list(self.model.history)
-        if getattr(self, "_train_stream", None) is not None:
-            # batches of this epoch already trained on (the one being checkpointed included): a streamed run
-            # resumes at the next one
-            done = int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-            checkpoint["comtip_stream"] = {"epoch": int(self.current_epoch), "batch": done}
+        if self._legacy_data is not None and self._legacy_data.state_dict():  # set_data: not saved by Lightning
+            checkpoint["comtip_stream"] = self._legacy_data.state_dict()["stream"]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rng = checkpoint.get("comtip_rng")
@@ -367,6 +294,6 @@ class CoMTIPModule(_DataHooks, L.LightningModule):
             torch.set_rng_state(rng["torch"])
         if "comtip_history" in checkpoint:
             self.model.history[:] = checkpoint["comtip_history"]
-        if "comtip_stream" in checkpoint:
-            pos = checkpoint["comtip_stream"]
-            self._stream_position = (int(pos["epoch"]), int(pos["batch"]))
+        data = self._data_module()
+        if "comtip_stream" in checkpoint and data is not None:  # set_data, or a checkpoint of comtip <= 0.1
+            data.load_state_dict({"stream": checkpoint["comtip_stream"]})
