@@ -357,6 +357,7 @@ def pretrain(
     )
     torch.manual_seed(seed)
     model = CoMTIP(config, prep.panel, prep.text, prep.levels)
+    model.cpu_chunk_size = settings.cpu_chunk_size
     check_tile_resolution(model, tiles, tiles_key=tiles_key)
     prep.spots.cache_tiles()  # every training and validation tile, read once
 

@@ -208,6 +208,7 @@ def pretrain_corpus(
     eval_train = corpus_eval_panels(stats)
     torch.manual_seed(seed)
     model = CoMTIP(config, panel, text, levels)
+    model.cpu_chunk_size = settings.cpu_chunk_size
 
     # validation genes: the training panels' genes of the model that every validation sample measured
     val_genes = None
