@@ -158,20 +158,20 @@ def test_zero_shot_never_reads_target_expression(model, test_sdata):
 
 def test_reference_methods(model, test_sdata, trained):
     ct.tl.predict_expression(
-        test_sdata, model, method="retrieval", genes=["ERBB2", "KRT19"], k=10, dihedral=False, layer_added="retr"
+        test_sdata, model, method="retrieval", genes=["ERBB2", "KRT19"], k=10, dihedral=False, key_added="retr"
     )
     ct.tl.predict_expression(
-        test_sdata, model, method="probe", genes=["ERBB2", "KRT19"], dihedral=False, layer_added="probe"
+        test_sdata, model, method="probe", genes=["ERBB2", "KRT19"], dihedral=False, key_added="probe"
     )
     ct.tl.predict_expression(
-        test_sdata, model, method="probe", reference=trained[1], genes=["ERBB2"], dihedral=False, layer_added="probe2"
+        test_sdata, model, method="probe", reference=trained[1], genes=["ERBB2"], dihedral=False, key_added="probe2"
     )
     table = test_sdata.tables["table"]
     for layer in ("retr", "probe", "probe2"):
         assert np.isfinite(table.layers[layer][:, table.var_names.get_loc("ERBB2")]).all()
     assert table.uns["comtip"]["predict_expression"]["reference"] == "given"
     with pytest.raises(ValueError, match="reference="):
-        ct.tl.predict_expression(test_sdata, model, method="retrieval", genes=["CDH1"], layer_added="x")
+        ct.tl.predict_expression(test_sdata, model, method="retrieval", genes=["CDH1"], key_added="x")
 
 
 def test_score_expression(model, test_sdata):
@@ -282,65 +282,6 @@ def test_anndata_input(model, test_sdata):
     assert "CDH1" in adata.obsm["comtip_pred"]
 
 
-def test_evaluate_scores_every_method_on_one_panel(trained, test_sdata):
-    """EVAL.md's table in one call: every method scored with the same metrics, baselines with and without averaging."""
-    from comtip.tl._evaluate import METHODS, evaluate
-
-    model, train = trained
-    res = evaluate(copy.deepcopy(model), train, test_sdata, batch_size=32)
-    assert set(res["methods"]) == {*METHODS, "comtip_zero_shot_shuffled_images"}
-    for name, r in res["methods"].items():
-        assert {"pcc_hvg50", "pcc_heg250", "pcc_hvg50_adj", "pcc_heg250_adj", "recall_at5"} <= set(r), name
-    assert res["methods"]["mean"]["pcc_hvg50"] == 0  # a constant prediction scores 0 by definition
-    # the averaged baselines run on other features than the single-view ones
-    assert res["methods"]["imagenet_retrieval_dihedral"] != res["methods"]["imagenet_retrieval"]
-    # ... computed in one pass over the 8 views: the same figures as each set computed on its own
-    for m in ("imagenet_retrieval", "imagenet_probe_dihedral"):
-        own = evaluate(model, train, test_sdata, methods=[m], shuffled_control=False, batch_size=32)
-        assert own["methods"][m] == pytest.approx(res["methods"][m], abs=1e-4), m
-    with pytest.raises(ValueError, match="Unknown methods"):
-        evaluate(model, train, test_sdata, methods=["imagenet_probe_flipped"])
-    # without test-time averaging, the averaged baselines are not the matching comparison and are left out
-    one_view = evaluate(model, train, test_sdata, dihedral=False, shuffled_control=False, batch_size=32)
-    assert set(one_view["methods"]) == {m for m in METHODS if not m.endswith("_dihedral")}
-    # spatial context (0.5 by default) reaches CoMTIP's and the baselines' features alike
-    some = ["comtip_probe", "imagenet_probe"]
-    alone = evaluate(model, train, test_sdata, methods=some, spatial_context=0, shuffled_control=False, batch_size=32)
-    assert res["spatial_context"] == 0.5 and alone["spatial_context"] == 0
-    for m in some:
-        assert alone["methods"][m]["pcc_hvg50"] != res["methods"][m]["pcc_hvg50"], m
-    # the shared-space Recall@5 is that of ct.tl.embed + ct.tl.retrieve
-    ct.tl.embed(test_sdata, model, dihedral=True)
-    hits = ct.tl.retrieve(test_sdata, query="image", k=5)
-    assert res["methods"]["comtip_zero_shot"]["recall_at5"] == pytest.approx(hits["hit"].mean(), abs=1e-4)
-
-
-def test_evaluate_recall_ranks_each_spots_own_image_embedding(trained, test_sdata, monkeypatch):
-    """Spatial context mixes the embeddings that predict, not the one that Recall@5 ranks (as ct.tl.retrieve)."""
-    import comtip.tl._embed as embed_module
-    from comtip._metrics import recall_at_k
-    from comtip.tl._evaluate import _spots, embed_gene_sentences, evaluate
-
-    model, train = trained
-    genes = embed_gene_sentences(model, test_sdata.tables["table"])
-    real = embed_module.image_embeddings
-
-    def aligned(model, spots, names, **kw):  # a perfectly aligned model on the evaluation spots: Recall@5 = 1
-        out = real(model, spots, names, **kw)
-        if len(names) == len(genes):
-            mixed = embed_module.with_spatial_context({"image": genes}, spots, names, kw.get("spatial_context", 0))
-            out["image"] = mixed["image"]
-        return out
-
-    monkeypatch.setattr(embed_module, "image_embeddings", aligned)
-    for w in (0, 0.5):
-        res = evaluate(model, train, test_sdata, methods=["comtip_zero_shot"], spatial_context=w, batch_size=32)
-        assert res["methods"]["comtip_zero_shot"]["recall_at5"] == 1.0, w
-    # the neighbours' mean alone would find mostly the neighbours
-    mixed = embed_module.with_spatial_context({"image": genes}, *_spots(test_sdata, "table", "comtip_tiles"), 1.0)
-    assert recall_at_k(mixed["image"], genes, 5) < 1.0
-
-
 def test_dihedral_mean_is_invariant_to_flips_and_rotations():
     import torch
 
@@ -389,7 +330,7 @@ def test_spatial_context_mixes_each_spot_with_its_neighbours(model, test_sdata, 
 
     genes = ["ERBB2", "KRT19"]
     table = test_sdata.tables["table"]
-    ct.tl.predict_expression(test_sdata, model, genes=genes, dihedral=False, spatial_context=0.5, layer_added="ctx")
+    ct.tl.predict_expression(test_sdata, model, genes=genes, dihedral=False, spatial_context=0.5, key_added="ctx")
     assert table.uns["comtip"]["predict_expression"]["spatial_context"] == 0.5
     spots = resolve_spots(test_sdata, table_key="table", tiles_key="comtip_tiles", model=model)
     pos, names = spots.tiled_rows()
@@ -404,23 +345,23 @@ def test_spatial_context_mixes_each_spot_with_its_neighbours(model, test_sdata, 
 
     # the stored training reference keeps its spots' positions, so reference methods mix those spots too
     ct.tl.predict_expression(
-        test_sdata, model, method="probe", genes=genes, dihedral=False, spatial_context=0.5, layer_added="p0"
+        test_sdata, model, method="probe", genes=genes, dihedral=False, spatial_context=0.5, key_added="p0"
     )
     ct.tl.predict_expression(
-        test_sdata, model, method="probe", genes=genes, dihedral=False, spatial_context=0, layer_added="p1"
+        test_sdata, model, method="probe", genes=genes, dihedral=False, spatial_context=0, key_added="p1"
     )
     assert not np.allclose(table.layers["p0"][pos], table.layers["p1"][pos], equal_nan=True)
     # a model saved before positions were stored: each spot alone, and the user is told
     old = copy.deepcopy(model)
     old.reference = {k: old.reference[k] for k in ("embeddings", "expression")}
     with pytest.warns(UserWarning, match=r"no spot positions.*spatial_context=0.*reference="):
-        ct.tl.predict_expression(test_sdata, old, method="probe", genes=genes, dihedral=False, layer_added="p2")
+        ct.tl.predict_expression(test_sdata, old, method="probe", genes=genes, dihedral=False, key_added="p2")
     np.testing.assert_array_equal(table.layers["p2"], table.layers["p1"])
     assert table.uns["comtip"]["predict_expression"]["spatial_context"] == 0.0
     before = set(table.layers)
     for bad in (-0.1, 1.5, float("nan"), None, "half"):
         with pytest.raises(ValueError, match="spatial_context must be between 0"):
-            ct.tl.predict_expression(test_sdata, model, genes=genes, spatial_context=bad, layer_added="p")
+            ct.tl.predict_expression(test_sdata, model, genes=genes, spatial_context=bad, key_added="p")
     assert set(table.layers) == before  # nothing written
     ct.tl.predict_expression(
         test_sdata,
@@ -430,6 +371,6 @@ def test_spatial_context_mixes_each_spot_with_its_neighbours(model, test_sdata, 
         genes=genes,
         dihedral=False,
         spatial_context=0.5,
-        layer_added="p",
+        key_added="p",
     )
     assert np.isfinite(table.layers["p"][pos][:, table.var_names.get_indexer(genes)]).all()

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import _constants as C
 from .._gene_text import gene_descriptions
 from .._logging import logger
 from .._settings import settings
 
-DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_TEXT_MODEL = C.TEXT_MODEL
 _lock = threading.Lock()
 _models: dict[str, object] = {}
 

@@ -1,14 +1,23 @@
-"""Where a tool reads spots from and writes results to: SpatialData tables, or AnnData with ``uns['spatial']``."""
+"""Where a tool reads spots from and writes results to: SpatialData tables, or AnnData with ``uns['spatial']``.
+
+An AnnData is converted to a SpatialData (:func:`comtip.io.from_anndata`) and tiled (:func:`comtip.pp.spot_tiles`)
+once: the conversion is kept, for as long as the AnnData lives, in a cache of this module keyed by the AnnData's
+identity, and used again while everything the conversion read from it (names, ``obs``, ``var``, ``X``,
+``obsm['spatial']``, ``uns['spatial']``) is unchanged and the tile size is the same. Nothing is written into the
+AnnData, so nothing of it is saved with ``adata.write_h5ad``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .. import _constants as C
 from .._logging import logger
-from ._utils import is_spatialdata
+from ._utils import digest, is_spatialdata
 
 
 @dataclass
@@ -18,7 +27,8 @@ class Spots:
     Attributes
     ----------
     sdata
-        A SpatialData holding images, tiles and the table (the user's, or one converted from AnnData).
+        A SpatialData holding images, tiles and the table (the user's, or one converted from AnnData, which may be
+        shared with other calls: treat it as read-only).
     table
         The AnnData results are written to (the user's own object).
     rows
@@ -45,6 +55,14 @@ class Spots:
         sub = tiles.loc[list(obs_names)]
         c = sub.geometry.centroid
         return np.column_stack([c.x.to_numpy(), c.y.to_numpy()]), sub["region"].astype(str).to_numpy()
+
+    def tiles_digest(self, obs_names: list[str]) -> str:
+        """A digest of ``obs_names`` (in this order) and their tiles (image, level, box, size in pixels)."""
+        import pandas as pd
+
+        tiles = pd.DataFrame(self.sdata.shapes[self.tiles_key].drop(columns="geometry"))
+        tiles = tiles.drop_duplicates("obs_name").set_index("obs_name").loc[list(obs_names)]
+        return digest([self.tiles_key, tiles.reset_index()])
 
 
 def resolve_spots(data, *, table_key: str, tiles_key: str, model=None, need_tiles: bool = True) -> Spots:
@@ -78,21 +96,125 @@ def resolve_spots(data, *, table_key: str, tiles_key: str, model=None, need_tile
                 "its spots cannot be placed on an image. Read the data with ct.io.visium / ct.io.read_st, or pass a SpatialData."
             )
             raise ValueError(msg)
-        from ..io import from_anndata
-        from ..pp import spot_tiles
-
-        sdata = from_anndata(data)
-        if need_tiles:
-            um, px = _model_tiles(model)
-            spot_tiles(sdata, tile_size_um=um, tile_size_px=px, key_added=tiles_key)
-            if model is not None:
-                check_tile_resolution(model, sdata.shapes[tiles_key], tiles_key=tiles_key)
-        t = sdata.tables[table_key if table_key in sdata.tables else C.TABLE_KEY]
-        by_spot = dict(zip(t.obs["spot"].astype(str), t.obs_names, strict=True))
-        rows = np.array([by_spot.get(str(o)) for o in data.obs_names], dtype=object)
+        sdata, rows = _converted(data, table_key=table_key, tiles_key=tiles_key, model=model, need_tiles=need_tiles)
+        if need_tiles and model is not None:
+            check_tile_resolution(model, sdata.shapes[tiles_key], tiles_key=tiles_key)
         return Spots(sdata, data, rows, tiles_key)
     msg = f"Expected a SpatialData or an AnnData, got {type(data).__name__}."
     raise TypeError(msg)
+
+
+@dataclass
+class _Conversion:
+    """The SpatialData objects converted from one AnnData, by tiling: ``{(tiles_key, µm, px) | None: (sdata, rows)}``."""
+
+    ref: weakref.ref
+    fingerprint: str
+    converted: dict[Any, tuple[Any, np.ndarray]] = field(default_factory=dict)
+    finalizer: Any = None
+
+
+# by id(adata): AnnData is not hashable (no WeakKeyDictionary); an entry goes when its AnnData is garbage collected
+_CONVERSIONS: dict[int, _Conversion] = {}
+
+
+def _fingerprint(adata) -> str | None:
+    """A digest of what :func:`comtip.io.from_anndata` reads from ``adata``; ``None`` when it is not cheap to take.
+
+    ``None`` (backed or dask ``X``, unhashable values in ``obs``) means the conversion is not cached.
+    """
+    from scipy import sparse
+
+    if adata.isbacked:
+        return None
+    X = adata.X
+    if X is None:
+        x_parts: list = ["X is None"]
+    elif sparse.issparse(X):
+        x_parts = [
+            X.format,
+            X.shape,
+            *(getattr(X, a) for a in ("data", "indices", "indptr", "row", "col") if hasattr(X, a)),
+        ]
+    elif isinstance(X, np.ndarray):
+        x_parts = [X]
+    else:
+        return None
+    spatial = adata.obsm.get("spatial")
+    parts = [adata.shape, adata.obs, adata.var, *x_parts, np.asarray(spatial) if spatial is not None else None]
+    parts += list(_flatten(adata.uns.get("spatial"))) + ["log1p" in adata.uns]
+    try:
+        return digest(parts)
+    except (TypeError, ValueError):
+        return None
+
+
+def _flatten(obj, prefix: str = ""):
+    """Items of a nested mapping (``uns['spatial']``) in a fixed order: arrays as arrays, everything else as repr."""
+    from collections.abc import Mapping
+
+    if isinstance(obj, Mapping):
+        for k in sorted(obj, key=str):
+            yield f"{prefix}/{k}"
+            yield from _flatten(obj[k], f"{prefix}/{k}")
+    elif isinstance(obj, np.ndarray):
+        yield obj
+    else:
+        yield repr(obj)
+
+
+def _entry(adata, fingerprint: str) -> _Conversion:
+    """The cache entry of ``adata``, emptied when ``adata`` changed since its conversions."""
+    entry = _CONVERSIONS.get(id(adata))
+    if entry is not None and entry.ref() is adata:
+        if entry.fingerprint != fingerprint:
+            logger.debug("the AnnData changed since it was converted to SpatialData: converting it again")
+            entry.fingerprint, entry.converted = fingerprint, {}
+        return entry
+    if entry is not None and entry.finalizer is not None:
+        entry.finalizer.detach()
+    entry = _Conversion(weakref.ref(adata), fingerprint)
+    entry.finalizer = weakref.finalize(adata, _CONVERSIONS.pop, id(adata), None)
+    _CONVERSIONS[id(adata)] = entry
+    return entry
+
+
+def share_conversion(source, copy) -> None:
+    """Let ``copy`` (an AnnData copied from ``source``) use the conversions of ``source`` (checked again on use)."""
+    entry = _CONVERSIONS.get(id(source))
+    if entry is None or entry.ref() is not source or not entry.converted:
+        return
+    _entry(copy, entry.fingerprint).converted.update(entry.converted)
+
+
+def _converted(adata, *, table_key: str, tiles_key: str, model, need_tiles: bool) -> tuple[Any, np.ndarray]:
+    """The SpatialData converted from ``adata`` (tiled at the model's tile size), and each row's obs name there.
+
+    From the cache when ``adata`` has not changed since it was converted with these tiles.
+    """
+    from ..io import from_anndata
+    from ..pp import spot_tiles
+
+    um, px = _model_tiles(model)
+    key = (tiles_key, um, px) if need_tiles else None
+    fingerprint = _fingerprint(adata)
+    entry = _entry(adata, fingerprint) if fingerprint is not None else None
+    if entry is not None:
+        hit = entry.converted.get(key)
+        if hit is None and key is None and entry.converted:
+            hit = next(iter(entry.converted.values()))  # any conversion holds the table
+        if hit is not None:
+            logger.debug("using the SpatialData converted from this AnnData before")
+            return hit
+    sdata = from_anndata(adata)
+    if need_tiles:
+        spot_tiles(sdata, tile_size_um=um, tile_size_px=px, key_added=tiles_key)
+    t = sdata.tables[table_key if table_key in sdata.tables else C.TABLE_KEY]
+    by_spot = dict(zip(t.obs["spot"].astype(str), t.obs_names, strict=True))
+    rows = np.array([by_spot.get(str(o)) for o in adata.obs_names], dtype=object)
+    if entry is not None:
+        entry.converted[key] = (sdata, rows)
+    return sdata, rows
 
 
 def _model_tiles(model) -> tuple[float, int]:
@@ -221,3 +343,35 @@ def check_training_data(
             UserWarning,
             stacklevel=3,
         )
+
+
+def copy_data(data):
+    """The object a tool called with ``copy=True`` writes to: a copy of ``data`` that the tool may change freely.
+
+    An AnnData is copied (:meth:`anndata.AnnData.copy`). A SpatialData gets its tables copied, which is all that
+    the tools write to, while images, labels, points and shapes are shared with ``data``: the tools only read them,
+    and :func:`spatialdata.deepcopy` would load every image into memory (and turn the lazy images of ``data`` into
+    in-memory ones). The copy of an AnnData with scanpy's ``uns['spatial']`` shares the SpatialData converted from
+    it, so it is not converted again (:mod:`comtip.tl._data`).
+    """
+    import copy as _copy
+
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        out = data.copy()
+        share_conversion(data, out)
+        return out
+    if is_spatialdata(data):
+        from spatialdata import SpatialData
+
+        return SpatialData(
+            images=dict(data.images),
+            labels=dict(data.labels),
+            points=dict(data.points),
+            shapes=dict(data.shapes),
+            tables={k: t.copy() for k, t in data.tables.items()},
+            attrs=_copy.deepcopy(dict(data.attrs)),
+        )
+    msg = f"Expected a SpatialData or an AnnData, got {type(data).__name__}."
+    raise TypeError(msg)

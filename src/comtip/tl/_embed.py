@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -10,8 +11,12 @@ from .. import _constants as C
 from .._checks import check_expression
 from .._logging import logger
 from .._settings import settings
-from ._data import resolve_spots
+from ._data import copy_data, resolve_spots
 from ._utils import check_free, get_model, model_provenance, record
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 
 def image_embeddings(
@@ -79,20 +84,75 @@ def with_spatial_context(
     return {k: mix_with_neighbours(v, means, spatial_context).astype(v.dtype, copy=False) for k, v in arrays.items()}
 
 
+def stored_image_embeddings(
+    adata,
+    spots,
+    pos: np.ndarray,
+    names: list[str],
+    *,
+    weights_sha256: str,
+    dihedral: bool,
+    batch_size: int,
+    device,
+    prompt: bool,
+) -> dict[str, np.ndarray] | None:
+    """The image embeddings of ``names`` that :func:`embed` stored, if exactly what :func:`image_embeddings` gives now.
+
+    They are used when ``.uns['comtip']['embed']`` says they were made by the same weights (checksum), with the same
+    ``dihedral``, ``batch_size`` and device, from the same tiles of the same spots (a digest of the spots' names and
+    tile boxes), and every one of these spots has them. Spatial context is not in them (embed stores each spot's
+    own embedding): the caller mixes them as :func:`image_embeddings` does.
+    """
+    from collections.abc import Mapping
+
+    from ..model._inference import pick_device
+
+    rec = adata.uns.get(C.UNS_KEY, {}).get("embed")
+    if not isinstance(rec, Mapping) or "prompt_key" not in rec or "keys" not in rec:
+        return None
+    want = {
+        "weights_sha256": weights_sha256,
+        "dihedral": bool(dihedral),
+        "batch_size": int(batch_size),
+        "device": str(pick_device(device)),
+        "tiles_key": spots.tiles_key,
+        "n_spots_with_tiles": len(pos),
+    }
+    if any(k not in rec or not bool(rec[k] == v) for k, v in want.items()):
+        return None
+    keys = {"image": str(list(rec["keys"])[0])}
+    if prompt:
+        keys["prompt"] = str(rec["prompt_key"])
+    out = {}
+    for name, key in keys.items():
+        arr = adata.obsm.get(key)
+        if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape[0] != adata.n_obs:
+            return None
+        arr = np.asarray(arr[pos], dtype=np.float32)
+        if not np.isfinite(arr).all():
+            return None
+        out[name] = arr
+    if rec.get("tiles_digest") != spots.tiles_digest(names):
+        return None
+    logger.info("using the image embeddings of ct.tl.embed in .obsm%s", list(keys.values()))
+    return out
+
+
 def embed(
     data,
     model=None,
     *,
+    layer: str | None = None,
     table_key: str = C.TABLE_KEY,
     tiles_key: str = C.TILES_KEY,
-    layer: str | None = None,
-    batch_size: int = 64,
-    dihedral: bool = False,
+    batch_size: int = C.BATCH_SIZE,
+    dihedral: bool = C.EMBED_DIHEDRAL,
     device: str | None = None,
     num_workers: int | None = None,
     key_added: str = C.EMBED_KEY,
     overwrite: bool = False,
-) -> list[str]:
+    copy: bool = False,
+) -> list[str] | AnnData | SpatialData:
     """Embed spots: image tiles and gene sentences into CoMTIP's shared space.
 
     Parameters
@@ -101,16 +161,17 @@ def embed(
         SpatialData with tiles (:func:`comtip.pp.spot_tiles`), or an AnnData with scanpy's ``uns['spatial']``.
     model
         A :class:`comtip.CoMTIP`; ``None`` = the current model.
+    layer
+        Raw-count layer for the gene sentences (default ``layers['counts']``, else ``X``).
     table_key
         Table of the spots (SpatialData).
     tiles_key
         Shapes element with the tiles (SpatialData).
-    layer
-        Raw-count layer for the gene sentences (default ``layers['counts']``, else ``X``).
     batch_size
         Tiles per forward pass.
     dihedral
-        Average each image embedding over the 8 flips/rotations (8x the compute).
+        Average each image embedding over the 8 flips/rotations (8x the compute). Off by default here, on by
+        default in :func:`comtip.tl.predict_expression`.
     device
         ``None``: CUDA when available, else CPU.
     num_workers
@@ -119,13 +180,20 @@ def embed(
         Prefix of the ``.obsm`` keys.
     overwrite
         Replace existing keys.
+    copy
+        Work on a copy of ``data`` (an AnnData's :meth:`~anndata.AnnData.copy`; for a SpatialData, a new object with
+        copies of its tables, sharing its images and shapes) and return it; ``data`` is left as it was.
 
     Returns
     -------
-    The keys written: ``.obsm['{key_added}_image']`` (n_obs x d; NaN rows for spots without a tile) and, when the
-    spots have expression over the model's gene panel, ``.obsm['{key_added}_gene']`` (n_obs x d; NaN rows for
-    spots without any panel gene). Parameters and the model's name, version and weights checksum go to
-    ``.uns['comtip']['embed']``.
+    With ``copy=False``, the keys written (the keys in the shared space, as before); with ``copy=True``, the copy.
+    Written: ``.obsm['{key_added}_image']`` (n_obs x d; NaN rows for spots without a tile) and, when the spots
+    have expression over the model's gene panel, ``.obsm['{key_added}_gene']`` (n_obs x d; NaN rows for spots
+    without any panel gene); ``.obsm['{key_added}_image_prompt']`` (n_obs x d), the same tiles in the model's prompt
+    space, which :func:`comtip.tl.predict_expression` uses instead of encoding the tiles again (same model, same
+    ``dihedral``, ``batch_size``, device and tiles); it goes with ``'{key_added}_image'`` and is replaced with it. Parameters, the model's name, version and weights checksum,
+    and a digest of the tiles go to ``.uns['comtip']['embed']``. The embeddings are each spot's own (no spatial
+    context).
 
     Raises
     ------
@@ -142,14 +210,19 @@ def embed(
     --------
     >>> ct.tl.embed(sdata)
     ['X_comtip_image', 'X_comtip_gene']
+    >>> embedded = ct.tl.embed(adata, copy=True)  # adata is left as it was
     """
     from ..data import SpotDataset, make_loader
-    from ..model._inference import embed_genes
+    from ..model._inference import embed_genes, pick_device
 
     model = get_model(model)
+    if copy:
+        data = copy_data(data)
     spots = resolve_spots(data, table_key=table_key, tiles_key=tiles_key, model=model)
     adata = spots.table
     keys = [f"{key_added}{C.IMAGE_EMBED_SUFFIX}", f"{key_added}{C.GENE_EMBED_SUFFIX}"]
+    prompt_key = f"{key_added}{C.PROMPT_EMBED_SUFFIX}"
+    # the prompt-space array goes with the image embedding: free when that is (replaced with it)
     check_free(adata.obsm, keys, where=".obsm", overwrite=overwrite)
     num_workers = settings.num_workers if num_workers is None else num_workers
     d = model.embed_dim
@@ -174,8 +247,7 @@ def embed(
             UserWarning,
             stacklevel=2,
         )
-    img = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
-    img[pos] = image_embeddings(
+    emb = image_embeddings(
         model,
         spots,
         names,
@@ -183,8 +255,12 @@ def embed(
         device=device,
         dihedral=dihedral,
         num_workers=num_workers,
-        prompt=False,
-    )["image"]
+        prompt=True,  # the prompt head reads the same pooled features: kept for predict_expression
+    )
+    img = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
+    img[pos] = emb["image"]
+    prompt = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
+    prompt[pos] = emb["prompt"]
 
     results = {keys[0]: img}
     if measured:
@@ -199,18 +275,29 @@ def embed(
             layer=layer,
         )
         has_genes = ds.gene_mask.any(axis=1)
-        emb = embed_genes(model, make_loader(ds, batch_size=256), device=device)
+        gene_emb = embed_genes(model, make_loader(ds, batch_size=C.GENE_BATCH_SIZE), device=device)
         gene = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
         valid = np.flatnonzero([r is not None for r in spots.rows])
-        gene[valid] = np.where(has_genes[:, None], emb, np.nan)
+        gene[valid] = np.where(has_genes[:, None], gene_emb, np.nan)
         results[keys[1]] = gene
         logger.info("gene sentences over %d of the model's %d panel genes", len(measured), model.n_genes)
-    for k, v in results.items():
+    for k, v in {**results, prompt_key: prompt}.items():
         adata.obsm[k] = v
     record(
         adata,
         "embed",
-        {"keys": list(results), "dihedral": dihedral, "n_spots_with_tiles": len(pos), **model_provenance(model)},
+        {
+            "keys": list(results),
+            "dihedral": dihedral,
+            "n_spots_with_tiles": len(pos),
+            "prompt_key": prompt_key,
+            # what predict_expression checks before it uses the stored embeddings
+            "batch_size": batch_size,
+            "device": str(pick_device(device)),
+            "tiles_key": tiles_key,
+            "tiles_digest": spots.tiles_digest(names),
+            **model_provenance(model),
+        },
     )
-    logger.info("added %s", ", ".join(f".obsm[{k!r}]" for k in results))
-    return list(results)
+    logger.info("added %s", ", ".join(f".obsm[{k!r}]" for k in [*results, prompt_key]))
+    return data if copy else list(results)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -13,9 +13,13 @@ import pandas as pd
 from .. import _constants as C
 from .._logging import logger
 from .._settings import settings
-from ._data import resolve_spots
-from ._embed import check_spatial_context, image_embeddings
-from ._utils import check_free, get_model, model_provenance, record
+from ._data import copy_data, resolve_spots
+from ._embed import check_spatial_context, image_embeddings, stored_image_embeddings, with_spatial_context
+from ._utils import check_free, get_model, model_provenance, record, renamed_keyword
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 
 def _new_gene_levels(model, n: int, n_levels: int) -> np.ndarray:
@@ -41,7 +45,7 @@ def _zero_shot(model, prompt_emb: np.ndarray, genes: list[str], *, descriptions,
             msg = f"Genes {new[:10]} are not in the model's panel, and this model learned one vector per panel gene (gene_embedding='learned'), so it cannot prompt them."
             raise ValueError(msg)
         text = gene_text_embeddings(
-            new, model=model.training_summary.get("text_model", "all-MiniLM-L6-v2"), descriptions=descriptions
+            new, model=model.training_summary.get("text_model", C.TEXT_MODEL), descriptions=descriptions
         )
         m = copy.deepcopy(model)  # the user's model keeps its panel
         m.add_genes(
@@ -75,6 +79,7 @@ def _reference(
     device,
     dihedral,
     spatial_context: float = 0.0,
+    num_workers: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image embeddings (n_ref, d) and log-normalised expression (n_ref, G) of the reference spots."""
     from ..pp import log_normalized
@@ -106,7 +111,7 @@ def _reference(
         batch_size=batch_size,
         device=device,
         dihedral=dihedral,
-        num_workers=settings.num_workers,
+        num_workers=settings.num_workers if num_workers is None else num_workers,
         prompt=False,
         spatial_context=spatial_context,
     )["image"]
@@ -119,6 +124,7 @@ def _reference(
     return emb, expr
 
 
+@renamed_keyword("layer_added", "key_added")
 def predict_expression(
     data,
     model=None,
@@ -127,18 +133,20 @@ def predict_expression(
     method: Literal["zero_shot", "retrieval", "probe"] = "zero_shot",
     reference=None,
     n_levels: int | None = None,
-    k: int = 50,
-    dihedral: bool = True,
-    spatial_context: float = C.SPATIAL_CONTEXT,
+    k: int = C.RETRIEVAL_NEIGHBOURS,
     descriptions: Mapping[str, str] | None = None,
+    layer: str | None = None,
+    dihedral: bool = C.PREDICT_DIHEDRAL,
+    spatial_context: float = C.SPATIAL_CONTEXT,
     table_key: str = C.TABLE_KEY,
     tiles_key: str = C.TILES_KEY,
-    layer: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = C.BATCH_SIZE,
     device: str | None = None,
-    layer_added: str = C.PRED_LAYER,
+    num_workers: int | None = None,
+    key_added: str = C.PRED_LAYER,
     overwrite: bool = False,
-) -> str:
+    copy: bool = False,
+) -> str | AnnData | SpatialData:
     """Predict gene expression from histology alone.
 
     ``"zero_shot"`` (default) scores, for each gene, single-gene prompts at K value levels against the spot's image
@@ -147,6 +155,10 @@ def predict_expression(
     prompted from their description. ``"retrieval"`` is the similarity-weighted mean expression of the ``k``
     nearest reference spots (BLEEP/Loki style); ``"probe"`` a ridge regression from image embeddings fitted on the
     reference (HEST's probe: scaler, PCA(256), ridge with α by 5-fold CV).
+
+    The image embeddings that :func:`comtip.tl.embed` stored are used instead of encoding the tiles again when they
+    are exactly what this call would compute: same model weights, ``dihedral``, ``batch_size``, device and tiles
+    (so after ``ct.tl.embed(data, dihedral=True)`` with the defaults otherwise); the predictions are the same.
 
     Parameters
     ----------
@@ -166,8 +178,13 @@ def predict_expression(
         Number of prompt levels per gene (default: the model's K).
     k
         Neighbours of ``"retrieval"``.
+    descriptions
+        ``{gene: text}`` for genes without an entry in comtip's gene-text table.
+    layer
+        Raw-count layer of the reference.
     dihedral
-        Average image embeddings over the 8 flips/rotations (8x compute; +0.02–0.03 PCC measured on HER2ST).
+        Average image embeddings over the 8 flips/rotations (8x compute; +0.02–0.03 PCC measured on HER2ST). On by
+        default here, off by default in :func:`comtip.tl.embed`.
     spatial_context
         Mix each spot's image embedding with the mean of its neighbours' before predicting:
         ``(1 - spatial_context) * own + spatial_context * mean(neighbours)``, where the neighbours are the spots of
@@ -178,33 +195,36 @@ def predict_expression(
         ``"retrieval"``/``"probe"`` the reference spots are mixed the same way (the model's stored training
         reference keeps their positions; with a model saved by an earlier comtip, whose reference has none, each
         spot is predicted alone, with a warning).
-    descriptions
-        ``{gene: text}`` for genes without an entry in comtip's gene-text table.
     table_key, tiles_key
         Table and tiles of a SpatialData.
-    layer
-        Raw-count layer of the reference.
     batch_size
         Tiles per forward pass.
     device
         ``None``: CUDA when available, else CPU.
-    layer_added
-        Where predictions go.
+    num_workers
+        DataLoader workers (default :attr:`comtip.settings.num_workers`).
+    key_added
+        Where predictions go (formerly ``layer_added``, still accepted with a :class:`DeprecationWarning`).
     overwrite
         Replace existing keys.
+    copy
+        Work on a copy of ``data`` (an AnnData's :meth:`~anndata.AnnData.copy`; for a SpatialData, a new object with
+        copies of its tables, sharing its images and shapes) and return it; ``data`` is left as it was.
 
     Returns
     -------
-    ``layer_added``. Predictions of measured genes go to ``.layers[layer_added]`` (n_obs x n_vars, NaN for genes
-    and spots not predicted); genes not in ``var_names`` go to ``.obsm[layer_added]`` as a DataFrame (spots x genes).
-    A table without any gene (image-only data) is replaced by one whose ``var_names`` are the predicted genes, with
-    ``X`` left empty (``None``) and the predictions in ``.layers[layer_added]``. ``.uns['comtip']['predict_expression']``
-    records the method, genes and model.
+    With ``copy=False``, ``key_added``; with ``copy=True``, the copy. Predictions of measured genes go to
+    ``.layers[key_added]`` (n_obs x n_vars, NaN for genes and spots not predicted); genes not in ``var_names`` go
+    to ``.obsm[key_added]`` as a DataFrame (spots x genes). A table without any gene (image-only data) is replaced
+    by one whose ``var_names`` are the predicted genes, with ``X`` left empty (``None``) and the predictions in
+    ``.layers[key_added]``. ``.uns['comtip']['predict_expression']`` records the method, genes and model, and
+    whether the embeddings of :func:`comtip.tl.embed` were used (``image_embeddings_reused``).
 
     Examples
     --------
     >>> ct.tl.predict_expression(test, genes=["ERBB2", "KRT19"])
     'comtip_pred'
+    >>> predicted = ct.tl.predict_expression(test, genes=["ERBB2"], copy=True)  # test is left as it was
     """
     model = get_model(model)
     if method not in ("zero_shot", "retrieval", "probe"):
@@ -218,6 +238,7 @@ def predict_expression(
         msg = "genes has duplicates."
         raise ValueError(msg)
     check_spatial_context(spatial_context)
+    num_workers = settings.num_workers if num_workers is None else num_workers
     stored = getattr(model, "reference", None)
     if spatial_context and method != "zero_shot" and reference is None and stored and "xy" not in stored:
         warnings.warn(
@@ -226,7 +247,7 @@ def predict_expression(
             f"of {spatial_context}). Pass reference= (a SpatialData/AnnData with tiles and counts) for spatial context, "
             "or retrain the model.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # through renamed_keyword's wrapper
         )
         spatial_context = 0.0
     if method == "zero_shot":
@@ -237,6 +258,8 @@ def predict_expression(
         if new:
             gene_text(new, descriptions=descriptions)
 
+    if copy:
+        data = copy_data(data)
     spots = resolve_spots(data, table_key=table_key, tiles_key=tiles_key, model=model)
     adata = spots.table
     image_only = adata.n_vars == 0
@@ -246,24 +269,40 @@ def predict_expression(
     measured = [g for g in genes if g in set(adata.var_names)] if not image_only else []
     unmeasured = [g for g in genes if g not in set(measured)]
     if not image_only:
-        check_free(adata.layers, [layer_added] if measured else [], where=".layers", overwrite=overwrite)
-        check_free(adata.obsm, [layer_added] if unmeasured else [], where=".obsm", overwrite=overwrite)
+        check_free(adata.layers, [key_added] if measured else [], where=".layers", overwrite=overwrite)
+        check_free(adata.obsm, [key_added] if unmeasured else [], where=".obsm", overwrite=overwrite)
 
     pos, names = spots.tiled_rows()
     if len(pos) == 0:
         msg = f"None of the {adata.n_obs} spots has a tile in {tiles_key!r}; run ct.pp.spot_tiles first."
         raise ValueError(msg)
-    emb = image_embeddings(
-        model,
+    provenance = model_provenance(model)
+    emb = stored_image_embeddings(
+        adata,
         spots,
+        pos,
         names,
+        weights_sha256=provenance["weights_sha256"],
+        dihedral=dihedral,
         batch_size=batch_size,
         device=device,
-        dihedral=dihedral,
-        num_workers=settings.num_workers,
         prompt=method == "zero_shot",
-        spatial_context=spatial_context,
     )
+    reused = emb is not None
+    if reused:
+        emb = with_spatial_context(emb, spots, names, spatial_context)
+    else:
+        emb = image_embeddings(
+            model,
+            spots,
+            names,
+            batch_size=batch_size,
+            device=device,
+            dihedral=dihedral,
+            num_workers=num_workers,
+            prompt=method == "zero_shot",
+            spatial_context=spatial_context,
+        )
     if method == "zero_shot":
         pred = _zero_shot(model, emb["prompt"], genes, descriptions=descriptions, n_levels=n_levels)
         extra = {"n_levels": n_levels or model.n_value_levels}
@@ -279,6 +318,7 @@ def predict_expression(
             device=device,
             dihedral=dihedral,
             spatial_context=spatial_context,
+            num_workers=num_workers,
         )
         if method == "retrieval":
             from ._reference import knn_retrieval
@@ -296,16 +336,16 @@ def predict_expression(
     full = np.full((adata.n_obs, len(genes)), np.nan, dtype=np.float32)
     full[pos] = pred
     if image_only:
-        adata = _replace_image_only_table(data, adata, genes, full, table_key=table_key, layer_added=layer_added)
+        adata = _replace_image_only_table(data, adata, genes, full, table_key=table_key, layer_added=key_added)
     else:
         col = {g: i for i, g in enumerate(genes)}
         if measured:
             layer_arr = np.full(adata.shape, np.nan, dtype=np.float32)
             vi = adata.var_names.get_indexer(measured)
             layer_arr[:, vi] = full[:, [col[g] for g in measured]]
-            adata.layers[layer_added] = layer_arr
+            adata.layers[key_added] = layer_arr
         if unmeasured:
-            adata.obsm[layer_added] = pd.DataFrame(
+            adata.obsm[key_added] = pd.DataFrame(
                 full[:, [col[g] for g in unmeasured]], index=adata.obs_names, columns=unmeasured
             )
     record(
@@ -318,15 +358,16 @@ def predict_expression(
             "n_unmeasured": len(unmeasured),
             "dihedral": dihedral,
             "spatial_context": spatial_context,
-            "layer_added": layer_added,
+            "layer_added": key_added,
+            "image_embeddings_reused": reused,
             **extra,
-            **model_provenance(model),
+            **provenance,
         },
     )
-    where = [f".layers[{layer_added!r}] ({len(measured)} genes)"] if measured or image_only else []
-    where += [f".obsm[{layer_added!r}] ({len(unmeasured)} genes)"] if unmeasured and not image_only else []
+    where = [f".layers[{key_added!r}] ({len(measured)} genes)"] if measured or image_only else []
+    where += [f".obsm[{key_added!r}] ({len(unmeasured)} genes)"] if unmeasured and not image_only else []
     logger.info("%s predictions of %d spots in %s", method, len(pos), " and ".join(where))
-    return layer_added
+    return data if copy else key_added
 
 
 def _replace_image_only_table(data, adata, genes, full, *, table_key: str, layer_added: str):

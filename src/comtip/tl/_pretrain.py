@@ -187,7 +187,7 @@ def pretrain(
     validation: str | Sequence[str] | Literal["auto"] | None = "auto",
     samples: Sequence[str] | None = None,
     n_genes: int = 512,
-    text_model: str = "all-MiniLM-L6-v2",
+    text_model: str = C.TEXT_MODEL,
     **training_kwargs: Any,
 ) -> CoMTIP:
     """Pretrain a CoMTIP model on the spots of a SpatialData (image tiles + expression), or on a corpus on disk.

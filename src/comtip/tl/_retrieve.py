@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 
 from .. import _constants as C
 from .._logging import logger
+from .._metrics import self_rank
+from ._data import copy_data
 from ._utils import check_free, record, resolve_table
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 
 def retrieve(
@@ -17,12 +23,18 @@ def retrieve(
     model=None,
     *,
     query: Literal["image", "gene"] = "image",
-    k: int = 5,
-    table_key: str = C.TABLE_KEY,
+    k: int = C.RECALL_K,
     use_rep: str = C.EMBED_KEY,
-    key_added: str = "comtip_retrieval",
+    table_key: str = C.TABLE_KEY,
+    tiles_key: str = C.TILES_KEY,
+    batch_size: int = C.BATCH_SIZE,
+    dihedral: bool = C.EMBED_DIHEDRAL,
+    device: str | None = None,
+    num_workers: int | None = None,
+    key_added: str = C.RETRIEVAL_KEY,
     overwrite: bool = False,
-) -> pd.DataFrame:
+    copy: bool = False,
+) -> pd.DataFrame | AnnData | SpatialData:
     """Cross-modal retrieval between the spots' image and gene-sentence embeddings, with Recall@k.
 
     For each spot, the ``k`` spots whose embedding of the other modality is most similar (cosine) to its own
@@ -38,20 +50,27 @@ def retrieve(
         ``"image"`` (image -> gene sentences) or ``"gene"`` (gene sentence -> images).
     k
         Neighbours per spot.
-    table_key
-        Table of a SpatialData.
     use_rep
         Prefix of the embeddings in ``.obsm``.
+    table_key
+        Table of a SpatialData.
+    tiles_key, batch_size, dihedral, device, num_workers
+        Passed to :func:`comtip.tl.embed` when the embeddings are missing (same defaults).
     key_added
         ``.obsm`` key of the neighbour indices.
     overwrite
         Replace an existing key.
+    copy
+        Work on a copy of ``data`` (an AnnData's :meth:`~anndata.AnnData.copy`; for a SpatialData, a new object with
+        copies of its tables, sharing its images and shapes) and return it; ``data`` is left as it was.
 
     Returns
     -------
-    DataFrame with, per spot, its neighbours (``neighbor_1`` …, obs names), their similarities and ``hit`` (whether
-    the spot found itself). Sets ``.obsm[key_added]`` (n_obs x k positions, -1 for spots without both embeddings)
-    and ``.uns['comtip']['retrieve']`` with ``recall_at_k``, ``chance`` and the model that made the embeddings
+    With ``copy=False``, a DataFrame with, per spot, its neighbours (``neighbor_1`` …, obs names), their
+    similarities and ``hit`` (whether the spot found itself); with ``copy=True``, the copy (the neighbours are in
+    its ``.obsm[key_added]`` and Recall@k in its ``.uns``; call without ``copy`` for the DataFrame). Sets
+    ``.obsm[key_added]`` (n_obs x k positions, -1 for spots without both embeddings) and
+    ``.uns['comtip']['retrieve']`` with ``recall_at_k``, ``chance`` and the model that made the embeddings
     (``model``, ``comtip_version``, ``weights_sha256``, copied from ``.uns['comtip']['embed']``).
 
     Examples
@@ -64,12 +83,25 @@ def retrieve(
     if query not in ("image", "gene"):
         msg = f"query must be 'image' or 'gene', got {query!r}."
         raise ValueError(msg)
+    if copy:
+        data = copy_data(data)
     adata = resolve_table(data, table_key)
     keys = (f"{use_rep}{C.IMAGE_EMBED_SUFFIX}", f"{use_rep}{C.GENE_EMBED_SUFFIX}")
     check_free(adata.obsm, [key_added], where=".obsm", overwrite=overwrite)
     if not all(kk in adata.obsm for kk in keys):
         logger.info("embeddings missing: running ct.tl.embed first")
-        embed(data, model, table_key=table_key, key_added=use_rep, overwrite=True)
+        embed(
+            data,
+            model,
+            table_key=table_key,
+            tiles_key=tiles_key,
+            batch_size=batch_size,
+            dihedral=dihedral,
+            device=device,
+            num_workers=num_workers,
+            key_added=use_rep,
+            overwrite=True,
+        )
         if not all(kk in adata.obsm for kk in keys):
             msg = f"Retrieval needs both {keys}; these spots have no expression over the model's panel, so no gene embedding."
             raise ValueError(msg)
@@ -84,9 +116,7 @@ def retrieve(
     sim = q @ keys_emb.T
     k_eff = min(k, len(ok))
     top = np.argsort(-sim, axis=1, kind="stable")[:, :k_eff]
-    own = np.diag(sim)[:, None]
-    rank = (sim > own).sum(1) + ((sim == own).sum(1) - 1)
-    hit = rank < k_eff
+    hit = self_rank(sim) < k_eff  # Recall@k as EVAL.md counts it (ties are misses)
     nbr = np.full((adata.n_obs, k_eff), -1, dtype=np.int64)
     nbr[ok] = ok[top]
     adata.obsm[key_added] = nbr
@@ -121,4 +151,4 @@ def retrieve(
         recall,
         k_eff / len(ok),
     )
-    return df
+    return data if copy else df

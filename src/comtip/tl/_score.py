@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -11,21 +12,27 @@ from .. import _constants as C
 from .._checks import check_expression, check_names
 from .._logging import logger
 from .._metrics import pearson_depth_adjusted, pearson_per_gene, spearman_per_gene
+from ._data import copy_data
 from ._utils import check_free, record, resolve_table
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 
 def score_expression(
     data,
+    model=None,
     *,
     pred_layer: str = C.PRED_LAYER,
     layer: str | None = None,
     genes: Sequence[str] | None = None,
     panels: Mapping[str, Sequence[str]] | None = None,
     table_key: str = C.TABLE_KEY,
-    model=None,
-    key_added: str = "comtip",
+    key_added: str = C.SCORE_KEY,
     overwrite: bool = False,
-) -> pd.DataFrame:
+    copy: bool = False,
+) -> pd.DataFrame | AnnData | SpatialData:
     """Per-gene Pearson and Spearman correlation of predicted and measured expression (EVAL.md).
 
     Measured expression is log-normalised (counts -> 1e4 -> log1p) from the raw counts; correlations pool all
@@ -36,6 +43,8 @@ def score_expression(
     ----------
     data
         SpatialData or AnnData with predictions in ``.layers[pred_layer]`` (from :func:`predict_expression`).
+    model
+        Model whose panels to use (default: the current model, if any); it is not run.
     pred_layer
         Layer of predictions (NaN = not predicted).
     layer
@@ -47,17 +56,19 @@ def score_expression(
         training spots), else those of ``data`` itself (then the summary says so).
     table_key
         Table of a SpatialData.
-    model
-        Model whose panels to use (default: the current model, if any).
     key_added
         Prefix of the ``.var`` columns.
     overwrite
         Replace existing columns.
+    copy
+        Work on a copy of ``data`` (an AnnData's :meth:`~anndata.AnnData.copy`; for a SpatialData, a new object with
+        copies of its tables, sharing its images and shapes) and return it; ``data`` is left as it was.
 
     Returns
     -------
-    DataFrame indexed by gene with ``pearson``, ``spearman``, ``pearson_adj`` and one boolean column per panel.
-    Sets ``.var['{key_added}_pearson']``, ``.var['{key_added}_spearman']``, ``.var['{key_added}_pearson_adj']``
+    With ``copy=False``, a DataFrame indexed by gene with ``pearson``, ``spearman``, ``pearson_adj`` and one boolean
+    column per panel; with ``copy=True``, the copy (the scores are in its ``.var``, the panels' summary in its
+    ``.uns``). Sets ``.var['{key_added}_pearson']``, ``.var['{key_added}_spearman']``, ``.var['{key_added}_pearson_adj']``
     (NaN for genes not scored) and ``.uns['comtip']['score_expression']`` with the mean of each over every panel
     and over all scored genes, and the model that made the predictions (``model``, ``comtip_version``,
     ``weights_sha256``, copied from ``.uns['comtip']['predict_expression']``).
@@ -74,9 +85,12 @@ def score_expression(
     --------
     >>> ct.tl.predict_expression(test)
     >>> ct.tl.score_expression(test).sort_values("pearson").tail()
+    >>> scored = ct.tl.score_expression(test, copy=True)  # test is left as it was
     """
     from ..pp._expression import log_depth, log_normalized
 
+    if copy:
+        data = copy_data(data)
     adata = resolve_table(data, table_key)
     element = "The AnnData" if adata is data else f"Table {table_key!r}"
     check_names(adata, element=element)
@@ -184,4 +198,4 @@ def score_expression(
     provenance = {k: made_by[k] for k in ("model", "comtip_version", "weights_sha256") if k in made_by}
     record(adata, "score_expression", {"pred_layer": pred_layer, "layer": layer, **summary, **provenance})
     logger.info("scores of %d genes in .var[%s], summary in .uns['comtip']['score_expression']", len(gi), cols)
-    return df
+    return data if copy else df

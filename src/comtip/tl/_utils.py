@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+import hashlib
+import warnings
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -12,6 +16,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..model import CoMTIP
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def is_spatialdata(data) -> bool:
@@ -95,3 +101,49 @@ def check_free(mapping, keys: list[str], *, where: str, overwrite: bool) -> None
     if taken and not overwrite:
         msg = f"{where}{taken} exist already; pass overwrite=True to replace them, or choose another key."
         raise ValueError(msg)
+
+
+def renamed_keyword(old: str, new: str) -> Callable[[F], F]:
+    """Accept the keyword ``old`` of a decorated function as ``new``, with a :class:`DeprecationWarning`."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if old in kwargs:
+                if new in kwargs:
+                    msg = f"{fn.__name__}() got both {old}= and {new}=; pass only {new}= ({old}= is its old name)."
+                    raise TypeError(msg)
+                warnings.warn(
+                    f"{fn.__name__}({old}=...) is deprecated and will be removed in a future release; use {new}=... "
+                    "(the same key).",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def digest(parts: Iterable[Any]) -> str:
+    """A short SHA-256 hex digest of arrays, frames and plain values (for provenance and cache keys)."""
+    import pandas as pd
+
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, pd.DataFrame | pd.Series | pd.Index):
+            h.update(str(list(part.columns) if isinstance(part, pd.DataFrame) else [part.name]).encode())
+            part = pd.util.hash_pandas_object(part, index=not isinstance(part, pd.Index)).to_numpy()
+        if isinstance(part, np.ndarray):
+            arr = np.ascontiguousarray(part)
+            if arr.dtype.kind == "O":
+                h.update(repr(arr.tolist()).encode())
+            else:
+                h.update(f"{arr.dtype.str}{arr.shape}".encode())
+                h.update(arr.reshape(-1).view(np.uint8))
+        else:
+            h.update(repr(part).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:32]
