@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import Timer, emit, machine, peak_rss_mb
 
-from comtip._constants import SPATIAL_CONTEXT
+from comtip.bench import SPATIAL_CONTEXT
 
 
 def _value(v: str):
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
         "0.5, the default: half and half)",
     )
     p.add_argument(
-        "--methods", nargs="+", default=None, help="methods to score (default: all; see comtip.tl._evaluate.METHODS)"
+        "--methods", nargs="+", default=None, help="methods to score (default: all; see comtip.bench.METHODS)"
     )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -107,7 +107,6 @@ def main(argv=None) -> dict:
     import torch
 
     import comtip as ct
-    from comtip.tl._evaluate import evaluate
 
     torch.set_num_threads(os.cpu_count() or 1)
     ct.settings.show_progress_bar = sys.stderr.isatty()
@@ -137,7 +136,7 @@ def main(argv=None) -> dict:
             t_train = tt.s
             if args.save_model:
                 model.save(args.save_model, overwrite=True)
-        res = evaluate(
+        res = ct.bench.evaluate(
             model,
             train,
             test,

@@ -199,8 +199,8 @@ def phase_write(work: Path, n_samples: int, corpus: Path, shard_size: int) -> di
 
 
 def _panel(corpus, n_genes: int) -> list[str]:
-    from comtip._gene_text import gene_text_table
-    from comtip.tl._pretrain_corpus import corpus_panel, gene_statistics
+    from comtip.bench import corpus_panel, gene_statistics
+    from comtip.pp import gene_text_table
 
     stats = gene_statistics(corpus, list(corpus.samples.index.astype(str)))
     panel, _ = corpus_panel(stats, n_top=n_genes, with_text=set(gene_text_table().index))

@@ -18,9 +18,10 @@ samples/s: ``loader_bound`` is true when the loader is the slower of the two (mo
 needed). ``workers_needed`` assumes the loader scales linearly with workers.
 
 Imports: ``import comtip`` runs ``comtip/__init__.py``, which imports the scverse stack (anndata, spatialdata). This
-script needs only torch, timm, Lightning and numpy: it imports ``comtip.model``, ``comtip.train._module`` and
-``comtip.data._augment`` directly, through package stubs that skip ``comtip/__init__.py`` and ``comtip/data/__init__.py``
-(see ``_import_comtip``), and finds ``src/`` itself when comtip is not installed.
+script needs only torch, timm, Lightning, numpy, pandas and scipy: it imports the public packages ``comtip.model``,
+``comtip.train`` and ``comtip.data`` (none of which imports the scverse stack) through a stub of the ``comtip``
+package that skips ``comtip/__init__.py`` (see ``_import_comtip``), and finds ``src/`` itself when comtip is not
+installed.
 
 Usage
 -----
@@ -75,15 +76,14 @@ def _stub_package(name: str) -> None:
 
 
 def _import_comtip() -> dict:
-    """comtip's torch-only modules, without the scverse stack that ``comtip/__init__.py`` imports."""
+    """comtip's torch-only packages, without the scverse stack that ``comtip/__init__.py`` imports."""
     if importlib.util.find_spec("comtip") is None:
         sys.path.insert(0, str(SRC))
     _stub_package("comtip")
-    _stub_package("comtip.data")
     model = importlib.import_module("comtip.model")
-    module = importlib.import_module("comtip.train._module")
-    augment = importlib.import_module("comtip.data._augment")
-    return {"CoMTIP": model.CoMTIP, "CoMTIPConfig": model.CoMTIPConfig, "Module": module.CoMTIPModule, "aug": augment}
+    train = importlib.import_module("comtip.train")
+    data = importlib.import_module("comtip.data")
+    return {"CoMTIP": model.CoMTIP, "CoMTIPConfig": model.CoMTIPConfig, "Module": train.CoMTIPModule, "aug": data}
 
 
 # ------------------------------------------------------------------------------------------- synthetic data

@@ -46,11 +46,7 @@ def main(argv=None) -> dict:
     from sklearn.decomposition import PCA
 
     import comtip as ct
-    from comtip import _constants as C
-    from comtip._metrics import recall_at_k
-    from comtip.tl._embed import image_embeddings
-    from comtip.tl._evaluate import _imagenet_features, _spots
-    from comtip.tl._reference import ridge_probe
+    from comtip.bench import image_embeddings, imagenet_features, load_spots, recall_at_k, ridge_probe
 
     torch.set_num_threads(os.cpu_count() or 1)
     ct.settings.show_progress_bar = sys.stderr.isatty()
@@ -59,7 +55,7 @@ def main(argv=None) -> dict:
         test = ct.datasets.her2st(args.eval, data_dir=args.data_dir)
         ct.pp.spot_tiles(train)
         ct.pp.spot_tiles(test)
-        (tr_spots, tr_names), (te_spots, te_names) = (_spots(s, C.TABLE_KEY, C.TILES_KEY) for s in (train, test))
+        (tr_spots, tr_names), (te_spots, te_names) = (load_spots(s) for s in (train, test))
         tr_tab, te_tab = tr_spots.table[tr_names], te_spots.table[te_names]
         panels = ct.pp.eval_panels(tr_tab)
         genes = list(dict.fromkeys(panels["hvg50"] + panels["heg250"]))
@@ -71,7 +67,7 @@ def main(argv=None) -> dict:
 
         def by_section(table):  # log depth, standardised within each section
             d = ct.pp.log_depth(table)
-            sec = table.obs[C.SECTION_KEY].astype(str).to_numpy()
+            sec = table.obs["section"].astype(str).to_numpy()
             out = np.empty_like(d)
             for s in np.unique(sec):
                 m = sec == s
@@ -92,7 +88,7 @@ def main(argv=None) -> dict:
         with Timer() as t_feat:
             feats = {
                 "imagenet": tuple(
-                    _imagenet_features(s, n, batch_size=64, device=None)
+                    imagenet_features(s, n, batch_size=64, device=None)
                     for s, n in ((tr_spots, tr_names), (te_spots, te_names))
                 )
             }

@@ -1,4 +1,4 @@
-"""Two training changes tried for the shared-space Recall@5, run through the harness (not kept in the package).
+"""Two training changes tried for the shared-space Recall@5: a record of their logic (not kept in the package).
 
 ``--variant zorder``: gene sentences take a spot's top-L genes by z-score (log-normalised value minus the gene's
 training mean, over its training sd) instead of by value, so that they hold what sets the spot apart rather than the
@@ -9,7 +9,12 @@ in the harness.
 ``--variant soft``: InfoNCE with soft targets (BLEEP): each row's target is the softmax of the mean of the image-image
 and sentence-sentence cosine similarities in the batch, times the model's logit scale, instead of the identity.
 
-Every other argument goes to ``accuracy.py`` unchanged, e.g.:
+Neither was kept (``benchmarks/README.md``, *Recall@5: what else was tried*), so the package has no option for them,
+and this script no longer runs them: it did so by replacing a function inside comtip's private modules (the gene
+sentences of ``comtip.data``'s dataset, the InfoNCE of ``comtip.model``) before running ``accuracy.py``, which the
+benchmarks do not do any more. The two functions below are the variants, unchanged. The figures in
+``results/recall_zorder_seed*.json`` and ``results/recall_soft_seed0.json`` were measured with this script at commit
+974d37a; to rerun one, check that commit out (``git worktree add ../recall 974d37a``) and run there, e.g.:
   python benchmarks/recall_experiments.py --variant zorder --pretrain seed=1 \
       --methods comtip_zero_shot comtip_retrieval comtip_probe --json OUT
 """
@@ -17,9 +22,7 @@ Every other argument goes to ``accuracy.py`` unchanged, e.g.:
 from __future__ import annotations
 
 import argparse
-import runpy
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -57,20 +60,18 @@ def soft_info_nce(image_emb, gene_emb, logit_scale):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 3)[3],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--variant", required=True, choices=["zorder", "soft"])
-    args, rest = p.parse_known_args()
-    if args.variant == "zorder":
-        import comtip.data as data
-        import comtip.data._dataset as dataset
-
-        data.gene_sentences = dataset.gene_sentences = zscore_sentences({})
-    else:
-        import comtip.model._comtip as comtip_model
-
-        comtip_model.info_nce = soft_info_nce
-    sys.argv = ["accuracy.py", *rest]
-    runpy.run_path(str(Path(__file__).with_name("accuracy.py")), run_name="__main__")
+    args, _ = p.parse_known_args()
+    msg = (
+        f"recall_experiments.py --variant {args.variant}: not kept, and no longer run against this version of comtip "
+        "(it patched private modules). Rerun it at commit 974d37a: see this script's docstring."
+    )
+    raise SystemExit(msg)
 
 
 if __name__ == "__main__":

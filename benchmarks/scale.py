@@ -223,7 +223,7 @@ def untrained_cpu_model(n_genes: int = 16):
 
 def bare_forward(model, images, n_spots: int) -> float:
     """Seconds of the same inference loop as ``ct.tl.embed`` (tower + head + normalise) on pre-made batches."""
-    from comtip.model._inference import embed_images
+    from comtip.model import embed_images
 
     b = images.shape[0]
     batches = [{"image": images[: min(b, n_spots - i)]} for i in range(0, n_spots, b)]

@@ -2,7 +2,7 @@
 
 Embeds the training sections once (CoMTIP image and prompt embeddings, and the frozen ImageNet features, all
 averaged over the 8 flips/rotations), then for each ``spatial_context`` weight w (``(1 - w) * own + w * mean of the
-spots within 1.5 spot spacings``, ``comtip._spatial.neighbour_means``) scores on the validation section: the
+spots within 1.5 spot spacings``, ``comtip.bench.neighbour_means``) scores on the validation section: the
 ridge probe fitted on the other training sections (CoMTIP and ImageNet features) and CoMTIP zero-shot. Panels are
 EVAL.md's, from the training sections. Nothing of the evaluation section (C6) is read.
 
@@ -38,11 +38,16 @@ def main(argv=None) -> dict:
     import torch
 
     import comtip as ct
-    from comtip import _constants as C
-    from comtip._spatial import mix_with_neighbours, neighbour_means
-    from comtip.tl._embed import image_embeddings
-    from comtip.tl._evaluate import _imagenet_features, _metrics, _reference_predict, _spots
-    from comtip.tl._predict import _zero_shot
+    from comtip.bench import (
+        image_embeddings,
+        imagenet_features,
+        load_spots,
+        mix_with_neighbours,
+        neighbour_means,
+        panel_metrics,
+        reference_predict,
+        zero_shot,
+    )
 
     torch.set_num_threads(os.cpu_count() or 1)
     ct.settings.show_progress_bar = sys.stderr.isatty()
@@ -50,9 +55,9 @@ def main(argv=None) -> dict:
         sdata = ct.datasets.her2st(args.fit + args.val, data_dir=args.data_dir)
         ct.pp.spot_tiles(sdata)
         model = ct.tl.load_model(args.model)
-        spots, names = _spots(sdata, C.TABLE_KEY, C.TILES_KEY)
+        spots, names = load_spots(sdata)
         tab = spots.table[names]
-        sec = tab.obs[C.SECTION_KEY].astype(str).to_numpy()
+        sec = tab.obs["section"].astype(str).to_numpy()
         fit, val = np.isin(sec, args.fit), np.isin(sec, args.val)
         panels = ct.pp.eval_panels(tab)
         genes = list(dict.fromkeys(panels["hvg50"] + panels["heg250"]))
@@ -63,21 +68,21 @@ def main(argv=None) -> dict:
             e = image_embeddings(model, spots, names, batch_size=64, device=None, dihedral=True, num_workers=0)
             feats = {
                 "comtip": e["image"],
-                "imagenet": _imagenet_features(spots, names, batch_size=64, device=None, dihedral=True),
+                "imagenet": imagenet_features(spots, names, batch_size=64, device=None, dihedral=True),
             }
         means = neighbour_means(*spots.centres(names))  # the neighbour graph, once for every weight
 
         def scores(pred):  # EVAL.md's metrics on the validation spots, as evaluate() computes them
-            return {k: round(v, 4) for k, v in _metrics(pred, y[val], depth, idx).items()}
+            return {k: round(v, 4) for k, v in panel_metrics(pred, y[val], depth, idx).items()}
 
         rows = []
         for w in args.weights:
             row = {"spatial_context": w}
             for name, f in feats.items():
                 fw = mix_with_neighbours(f, means, w)
-                row[f"{name}_probe"] = scores(_reference_predict("probe", fw[fit], y[fit], fw[val], idx, genes))
+                row[f"{name}_probe"] = scores(reference_predict("probe", fw[fit], y[fit], fw[val], idx, genes))
             pw = mix_with_neighbours(e["prompt"], means, w).astype(np.float32)
-            row["comtip_zero_shot"] = scores(_zero_shot(model, pw[val], genes, descriptions=None, n_levels=None))
+            row["comtip_zero_shot"] = scores(zero_shot(model, pw[val], genes, descriptions=None, n_levels=None))
             rows.append(row)
             print(w, {k: v["pcc_hvg50"] for k, v in row.items() if isinstance(v, dict)}, file=sys.stderr)
     out = {

@@ -29,7 +29,7 @@ def _resize(tiles):
     """The same resize as comtip's reader (antialiased bicubic on uint8 = PIL's BICUBIC)."""
     import torch
 
-    from comtip.data._reader import resize_tiles
+    from comtip.data import resize_tiles
 
     return resize_tiles(torch.from_numpy(np.stack(tiles)), 224)
 
@@ -92,8 +92,7 @@ def main(argv=None) -> dict:
     from spatialdata.transformations import get_transformation
 
     import comtip as ct
-    from comtip._images import level_arrays
-    from comtip.data import TileReader
+    from comtip.data import TileReader, level_arrays
 
     ct.settings.show_progress_bar = False
     torch.set_num_threads(os.cpu_count() or 1)

@@ -43,7 +43,7 @@ ROWS = ["unseen_own_description", "unseen_wrong_description", "nearest_trained_g
 
 
 def _scores(pred: np.ndarray, true: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from comtip._metrics import pearson_depth_adjusted, pearson_per_gene
+    from comtip.bench import pearson_depth_adjusted, pearson_per_gene
 
     return pearson_per_gene(pred, true), pearson_depth_adjusted(pred, true, depth)
 
@@ -53,7 +53,7 @@ def _predict(test, model, genes: list[str], descriptions=None) -> np.ndarray:
     import comtip as ct
 
     ct.tl.predict_expression(
-        test, model, genes=genes, descriptions=descriptions, layer_added="bench_pred", overwrite=True
+        test, model, genes=genes, descriptions=descriptions, key_added="bench_pred", overwrite=True
     )
     table = test.tables["table"]
     cols = [table.var_names.get_loc(g) for g in genes]
@@ -77,7 +77,7 @@ def description_similarity(model, genes: list[str]) -> tuple[np.ndarray, np.ndar
 
 def _pretrain(train, a):
     import comtip as ct
-    from comtip._demo import DEMO_PRETRAIN, demo_config
+    from comtip.bench import DEMO_PRETRAIN, demo_config
 
     kwargs = dict(DEMO_PRETRAIN)
     if a.max_epochs is not None:
@@ -117,9 +117,8 @@ def main() -> None:
     import torch
 
     import comtip as ct
-    from comtip._constants import SPATIAL_CONTEXT
-    from comtip._gene_text import gene_text_table
-    from comtip.tl._evaluate import _imagenet_features, _reference_predict, _spots
+    from comtip.bench import SPATIAL_CONTEXT, imagenet_features, load_spots, reference_predict
+    from comtip.pp import gene_text_table
 
     torch.set_num_threads(os.cpu_count() or 1)
     ct.settings.show_progress_bar = False
@@ -162,16 +161,16 @@ def main() -> None:
     seen_s = time.perf_counter() - t
     # 5. the ImageNet probe on the same genes
     t = time.perf_counter()
-    tr_spots, tr_names = _spots(train, "table", "comtip_tiles")
-    te_spots, te_names = _spots(test, "table", "comtip_tiles")
+    tr_spots, tr_names = load_spots(train)
+    te_spots, te_names = load_spots(test)
     if list(te_names) != list(te_tab.obs_names):
         msg = "C6 spots without a tile: the benchmark assumes every spot is tiled"
         raise SystemExit(msg)
     kw = {"batch_size": 64, "device": None, "dihedral": False, "spatial_context": SPATIAL_CONTEXT}
-    f_tr = _imagenet_features(tr_spots, tr_names, **kw)
-    f_te = _imagenet_features(te_spots, te_names, **kw)
+    f_tr = imagenet_features(tr_spots, tr_names, **kw)
+    f_te = imagenet_features(te_spots, te_names, **kw)
     y_tr = ct.pp.log_normalized(full[tr_names], genes=hvg).toarray().astype(np.float64)
-    preds["imagenet_probe"][:] = _reference_predict(
+    preds["imagenet_probe"][:] = reference_predict(
         "imagenet_probe", f_tr, y_tr, f_te, {"hvg50": np.arange(len(hvg))}, hvg
     )
     imagenet_s = time.perf_counter() - t

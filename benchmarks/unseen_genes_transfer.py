@@ -48,7 +48,7 @@ def _variant(model, genes, text, sim, emb, *, levels=False, tau=False, offset=Fa
     """Zero-shot predictions (spots x genes) with the new genes' parameters borrowed from their k nearest."""
     import torch
 
-    from comtip.tl._predict import _new_gene_levels
+    from comtip.bench import new_gene_levels
 
     idx = np.argsort(-sim, axis=1)[:, :k]
     w = np.take_along_axis(sim, idx, 1)
@@ -58,7 +58,7 @@ def _variant(model, genes, text, sim, emb, *, levels=False, tau=False, offset=Fa
         lv = np.einsum("gk,gkl->gl", w, model.value_levels.cpu().numpy()[idx])
         lv = np.maximum.accumulate(lv + np.arange(lv.shape[1]) * 1e-4, axis=1).astype(np.float32)
     else:
-        lv = _new_gene_levels(model, len(genes), model.n_value_levels)
+        lv = new_gene_levels(model, len(genes), model.n_value_levels)
     m = copy.deepcopy(model)
     n0 = model.n_genes
     m.add_genes(genes, torch.from_numpy(text), torch.from_numpy(lv))
@@ -91,10 +91,7 @@ def main() -> None:
     import torch
 
     import comtip as ct
-    from comtip._constants import SPATIAL_CONTEXT
-    from comtip._metrics import pearson_depth_adjusted, pearson_per_gene
-    from comtip.tl._data import resolve_spots
-    from comtip.tl._embed import image_embeddings
+    from comtip.bench import SPATIAL_CONTEXT, image_embeddings, pearson_depth_adjusted, pearson_per_gene, resolve_spots
 
     torch.set_num_threads(os.cpu_count() or 1)
     ct.settings.show_progress_bar = False

@@ -65,3 +65,36 @@ def test_recall_at_k_counts_own_key_in_top_k_ties_and_missing_rows_as_misses():
     nan_keys[3] = np.nan
     assert recall_at_k(query, nan_keys, 1) == pytest.approx(2 / 4)
     assert recall_at_k(query, nan_keys, 4) == pytest.approx(3 / 4)
+
+
+def test_self_rank_counts_better_keys_and_ties_against_the_query():
+    from comtip._metrics import self_rank
+
+    sim = np.array([[0.9, 0.1, 0.2], [0.5, 0.4, 0.6], [0.3, 0.3, 0.3]])
+    # row 0: nothing beats its own 0.9; row 1: two keys beat 0.4; row 2: two other keys tie with its own 0.3
+    np.testing.assert_array_equal(self_rank(sim), [0, 2, 2])
+
+
+def test_panel_metrics_and_profile_recall_are_evaluate_s_row():
+    """One row of ct.bench.evaluate: means over each panel of the per-gene metrics, and the z-scored profile Recall."""
+    import comtip as ct
+
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=(40, 5))
+    pred = true + rng.normal(size=(40, 5))
+    pred[:, 4] = 1.0  # a constant prediction scores 0
+    depth = rng.normal(size=40)
+    panels = {"a": np.array([0, 1, 4]), "b": np.array([2, 3])}
+    row = ct.bench.panel_metrics(pred, true, depth, panels)
+    assert set(row) == {f"{m}_{p}" for p in "ab" for m in ("pcc", "spearman", "mse")} | {"pcc_a_adj", "pcc_b_adj"}
+    r = pearson_per_gene(pred, true)
+    assert r[4] == 0
+    assert row["pcc_a"] == pytest.approx(np.mean(r[[0, 1, 4]]))
+    assert row["pcc_b_adj"] == pytest.approx(np.mean(pearson_depth_adjusted(pred, true, depth)[[2, 3]]))
+    assert row["spearman_b"] == pytest.approx(np.mean(spearman_per_gene(pred, true)[[2, 3]]))
+    assert row["mse_a"] == pytest.approx(np.mean((pred[:, [0, 1, 4]] - true[:, [0, 1, 4]]) ** 2))
+    mu, sd = true.mean(0), true.std(0)
+    assert ct.bench.profile_recall(true, true, mu, sd) == 1.0  # a perfect prediction finds every spot
+    assert ct.bench.profile_recall(pred, true, mu, sd, k=3) == recall_at_k((pred - mu) / sd, (true - mu) / sd, 3)
+    # the metrics ct.bench exposes are EVAL.md's one implementation
+    assert ct.bench.pearson_per_gene is pearson_per_gene and ct.bench.recall_at_k is recall_at_k

@@ -109,6 +109,25 @@ def check_has_spots(adata: AnnData, *, element: str) -> None:
         raise ValueError(msg)
 
 
+def counts_matrix(adata: AnnData, layer: str | None) -> tuple[sparse.csr_matrix, bool]:
+    """The matrix comtip normalises and whether it holds counts (False: already log-normalised).
+
+    ``.layers[layer]``, else ``.layers['counts']``, else ``.X``; ``X`` holds counts unless
+    ``.uns['comtip_input']['x_is_counts']`` says otherwise (see :func:`expression_source`).
+    """
+    info = adata.uns.get(C.INPUT_KEY, {})
+    if layer is not None:
+        if layer not in adata.layers:
+            msg = (
+                f"Layer {layer!r} not found (layers: {list(adata.layers) or 'none'}). Pass layer= with the raw counts."
+            )
+            raise KeyError(msg)
+        return sparse.csr_matrix(adata.layers[layer]), True
+    if C.COUNTS_LAYER in adata.layers:
+        return sparse.csr_matrix(adata.layers[C.COUNTS_LAYER]), True
+    return sparse.csr_matrix(adata.X), bool(info.get("x_is_counts", True))
+
+
 def expression_source(adata: AnnData, layer: str | None) -> str:
     """Where comtip reads a table's expression from: ``.layers[layer]``, ``.layers['counts']`` or ``.X``."""
     if layer is not None:
@@ -133,15 +152,13 @@ def check_expression(adata: AnnData, *, layer: str | None, element: str) -> None
     element
         How to name the table in messages.
     """
-    from .pp._expression import _counts_matrix
-
     if layer is None and C.COUNTS_LAYER not in adata.layers and adata.X is None:
         msg = (
             f"{element} has no expression (X is empty and there is no layers[{C.COUNTS_LAYER!r}]), e.g. an image-only "
             "slide. Pass layer= with the raw counts, or use data with measured expression."
         )
         raise ValueError(msg)
-    X, is_counts = _counts_matrix(adata, layer)
+    X, is_counts = counts_matrix(adata, layer)
     where = f"{element[:1].lower()}{element[1:]} ({expression_source(adata, layer)})"  # mid-sentence
     if is_counts:
         check_counts(X, element=where)

@@ -1,4 +1,8 @@
-"""EVAL.md's metrics in plain numpy: per-gene Pearson/Spearman (constant -> 0), depth control, Recall@k."""
+"""EVAL.md's metrics in plain numpy: per-gene Pearson/Spearman (constant -> 0), depth control, Recall@k.
+
+The one implementation of each, used by :mod:`comtip.tl` (scores), :mod:`comtip.train` (validation) and
+:mod:`comtip.bench` (the evaluation protocol, which exposes them publicly). A leaf module: it imports nothing of comtip.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +59,21 @@ def pearson_depth_adjusted(pred: np.ndarray, true: np.ndarray, log_depth: np.nda
     return pearson_per_gene(residualize(pred, log_depth), residualize(true, log_depth))
 
 
+def self_rank(sim: np.ndarray) -> np.ndarray:
+    """Rank of each query's own key (row i's column i) among all keys by similarity; ties count against it.
+
+    The number of keys strictly more similar than its own, plus the other keys exactly as similar: a query finds
+    itself in the top k when its rank is below k (EVAL.md: ties are misses).
+
+    Parameters
+    ----------
+    sim
+        ``(n, n)`` similarities of query i (rows) to key j (columns).
+    """
+    own = np.diag(sim)[:, None]
+    return (sim > own).sum(1) + ((sim == own).sum(1) - 1)
+
+
 def recall_at_k(query: np.ndarray, keys: np.ndarray, k: int = 5) -> float:
     """Share of queries i whose own key i is among the k most similar keys (cosine); ties count as misses.
 
@@ -74,7 +93,41 @@ def recall_at_k(query: np.ndarray, keys: np.ndarray, k: int = 5) -> float:
     with np.errstate(invalid="ignore"):
         sim = q @ kk.T
     sim[~np.isfinite(sim)] = -np.inf
-    own = np.diag(sim)[:, None]
-    # rank = number of keys strictly more similar, plus ties other than itself (ties are misses)
-    better = (sim > own).sum(1) + ((sim == own).sum(1) - 1)
-    return float(np.mean((better < k) & valid))
+    return float(np.mean((self_rank(sim) < k) & valid))
+
+
+def panel_metrics(
+    pred: np.ndarray, true: np.ndarray, log_depth: np.ndarray, panels: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """EVAL.md's per-panel scores of predictions: mean Pearson, depth-controlled Pearson, Spearman and MSE.
+
+    Parameters
+    ----------
+    pred, true
+        ``(n_spots, n_genes)`` predicted and measured log-normalised expression.
+    log_depth
+        ``(n_spots,)`` log total UMI of each spot (the depth control).
+    panels
+        ``{panel: column indices}``, e.g. ``{"hvg50": ..., "heg250": ...}``.
+
+    Returns
+    -------
+    ``{"pcc_<panel>", "pcc_<panel>_adj", "spearman_<panel>", "mse_<panel>"}`` for every panel, unrounded.
+    """
+    out = {}
+    for panel, gi in panels.items():
+        p, t = pred[:, gi], true[:, gi]
+        out[f"pcc_{panel}"] = float(np.mean(pearson_per_gene(p, t)))
+        out[f"pcc_{panel}_adj"] = float(np.mean(pearson_depth_adjusted(p, t, log_depth)))
+        out[f"spearman_{panel}"] = float(np.mean(spearman_per_gene(p, t)))
+        out[f"mse_{panel}"] = float(np.mean((p - t) ** 2))
+    return out
+
+
+def profile_recall(pred: np.ndarray, true: np.ndarray, mean: np.ndarray, sd: np.ndarray, k: int = 5) -> float:
+    """Recall@k of predicted against measured profiles, both z-scored with the training ``mean`` and ``sd``.
+
+    EVAL.md's Recall@5 for methods without a shared space: spot i's predicted profile against all measured ones
+    (cosine; ties count as misses, see :func:`recall_at_k`).
+    """
+    return recall_at_k((pred - mean) / sd, (true - mean) / sd, k)

@@ -35,8 +35,15 @@ def _add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
     )
     p.add_argument("--sections", nargs="+", help="sections of the named dataset (e.g. C2 C3 C4 C5)")
     p.add_argument("--data-dir", default=None, help="folder of the named datasets (default $COMTIP_DATA_DIR)")
-    p.add_argument("--tile-size-um", type=float, default=112.0, help="physical tile side in µm (default 112)")
-    p.add_argument("--tile-size-px", type=int, default=224, help="tile side given to the model in pixels (default 224)")
+    p.add_argument(
+        "--tile-size-um", type=float, default=C.TILE_SIZE_UM, help="physical tile side in µm (default %(default)g)"
+    )
+    p.add_argument(
+        "--tile-size-px",
+        type=int,
+        default=C.TILE_SIZE_PX,
+        help="tile side given to the model in pixels (default %(default)s)",
+    )
 
 
 def _load_data(args):
@@ -64,7 +71,7 @@ def _load_data(args):
         sys.exit("comtip: give an input file/folder or --dataset.")
     from spatialdata import SpatialData
 
-    if isinstance(data, SpatialData) and "comtip_tiles" not in data.shapes:
+    if isinstance(data, SpatialData) and C.TILES_KEY not in data.shapes:
         ct.pp.spot_tiles(data, tile_size_um=args.tile_size_um, tile_size_px=args.tile_size_px)
     return data
 
@@ -81,7 +88,7 @@ def _write(data, out: str | None, default_name: str) -> Path:
         if path.suffix == ".zarr":
             data.write(path, overwrite=True)
         else:
-            data.tables["table"].write_h5ad(path)
+            data.tables[C.TABLE_KEY].write_h5ad(path)
     else:
         data.write_h5ad(path.with_suffix(".h5ad"))
         path = path.with_suffix(".h5ad")
@@ -191,15 +198,14 @@ def cmd_predict(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    """``comtip evaluate``: EVAL.md's table as JSON."""
+    """``comtip evaluate``: EVAL.md's table as JSON (:func:`comtip.bench.evaluate`)."""
     import comtip as ct
-    from comtip.tl._evaluate import evaluate
 
     model = ct.tl.load_model(args.model)
     train = ct.datasets.her2st(args.train, data_dir=args.data_dir)
     test = ct.datasets.her2st(args.eval, data_dir=args.eval_data_dir or args.data_dir)
     t0 = time.perf_counter()
-    res = evaluate(model, train, test, dihedral=not args.no_dihedral, spatial_context=args.spatial_context)
+    res = ct.bench.evaluate(model, train, test, dihedral=not args.no_dihedral, spatial_context=args.spatial_context)
     res.update(
         {"train": args.train, "eval": args.eval, "model": args.model, "wall_s": round(time.perf_counter() - t0, 1)}
     )
@@ -220,7 +226,7 @@ def _table(methods: dict) -> str:
 
 def cmd_demo(args) -> None:
     """``comtip demo``: the whole job on HER2ST."""
-    from ._demo import run_demo
+    from .bench import run_demo
 
     run_demo(out=args.out, data_dir=args.data_dir, max_epochs=args.max_epochs, quick=args.quick)
 
@@ -307,8 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("sources", nargs="+", help="HEST-1k folders (st/, metadata/, patches/) or SpatialData .zarr folders")
     s.add_argument("--out", required=True, help="the corpus folder")
     s.add_argument("--samples", nargs="+", default=None, help="HEST sample ids to write (default: all in the folders)")
-    s.add_argument("--tile-size-um", type=float, default=112.0, help="physical tile side in µm (default 112)")
-    s.add_argument("--tile-size-px", type=int, default=224, help="tile side in pixels (default 224)")
+    s.add_argument(
+        "--tile-size-um", type=float, default=C.TILE_SIZE_UM, help="physical tile side in µm (default %(default)g)"
+    )
+    s.add_argument("--tile-size-px", type=int, default=C.TILE_SIZE_PX, help="tile side in pixels (default %(default)s)")
     s.add_argument("--shard-size", type=int, default=4096, help="spots per shard (default 4096)")
     s.add_argument("--overwrite", action="store_true", help="replace the corpus in --out instead of appending")
     s.set_defaults(func=cmd_write_corpus)
@@ -322,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(s)
     s.add_argument("--model", required=True, help="model folder or Hugging Face Hub id")
     s.add_argument("--output", default=None, help="output .h5ad (table) or .zarr (whole SpatialData)")
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=C.BATCH_SIZE, help="tiles per forward pass (default %(default)s)")
     s.add_argument("--dihedral", action="store_true", help="average over the 8 flips/rotations (8x compute)")
     s.add_argument("--device", default=None)
     s.set_defaults(func=cmd_embed)
@@ -351,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--score", action="store_true", help="also score against the measured expression")
     s.add_argument("--output", default=None, help="output .h5ad (table) or .zarr (whole SpatialData)")
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=C.BATCH_SIZE, help="tiles per forward pass (default %(default)s)")
     s.add_argument("--device", default=None)
     s.set_defaults(func=cmd_predict)
 

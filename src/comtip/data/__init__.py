@@ -1,8 +1,9 @@
 """torch Datasets built from SpatialData: batched tile reads, augmentation, gene sentences (no model code here)."""
 
+from .._images import level_arrays
 from ._augment import augment, dihedral
 from ._dataset import SpotDataset, make_loader, worker_init_fn
-from ._reader import TileReader
+from ._reader import TileReader, resize_tiles
 from ._sentences import gene_sentences
 
 __all__ = [
@@ -12,7 +13,9 @@ __all__ = [
     "augment",
     "dihedral",
     "gene_sentences",
+    "level_arrays",
     "make_loader",
+    "resize_tiles",
     "worker_init_fn",
 ]
 

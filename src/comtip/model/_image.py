@@ -495,10 +495,8 @@ def dihedral_transforms(images: Tensor) -> list[Tensor]:
     """The 8 flips/rotations of a batch of square images (…, H, W): 4 rotations, each with and without a flip.
 
     Histology has no "up": averaging image embeddings over these 8 variants is the inference-time augmentation.
+    The ``k``-th variant is :func:`comtip.data.dihedral` ``(images, k)``, the transform training augments with.
     """
-    out = []
-    for flip in (False, True):
-        x = images.flip(-1) if flip else images
-        for k in range(4):
-            out.append(torch.rot90(x, k, dims=(-2, -1)) if k else x)
-    return out
+    from ..data import dihedral
+
+    return [dihedral(images, k) for k in range(8)]

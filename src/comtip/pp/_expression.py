@@ -9,24 +9,11 @@ import pandas as pd
 from scipy import sparse
 
 from .. import _constants as C
-from .._checks import check_counts
+from .._checks import check_counts, counts_matrix
 
-INPUT_KEY = "comtip_input"  # table.uns["comtip_input"] = {"x_is_counts": False, "x_transform": "log1p"}
-
-
-def _counts_matrix(adata, layer: str | None) -> tuple[sparse.csr_matrix, bool]:
-    """The matrix to normalise and whether it holds counts (False: already log-normalised)."""
-    info = adata.uns.get(INPUT_KEY, {})
-    if layer is not None:
-        if layer not in adata.layers:
-            msg = (
-                f"Layer {layer!r} not found (layers: {list(adata.layers) or 'none'}). Pass layer= with the raw counts."
-            )
-            raise KeyError(msg)
-        return sparse.csr_matrix(adata.layers[layer]), True
-    if C.COUNTS_LAYER in adata.layers:
-        return sparse.csr_matrix(adata.layers[C.COUNTS_LAYER]), True
-    return sparse.csr_matrix(adata.X), bool(info.get("x_is_counts", True))
+INPUT_KEY = C.INPUT_KEY  # table.uns["comtip_input"] = {"x_is_counts": False, "x_transform": "log1p"}
+# the matrix to normalise and whether it holds counts (kept under its old name for the modules that import it here)
+_counts_matrix = counts_matrix
 
 
 def log_normalized(adata, *, layer: str | None = None, genes: Sequence[str] | None = None) -> sparse.csr_matrix:
@@ -46,7 +33,7 @@ def log_normalized(adata, *, layer: str | None = None, genes: Sequence[str] | No
     -------
     CSR float32 matrix, spots x genes.
     """
-    X, is_counts = _counts_matrix(adata, layer)
+    X, is_counts = counts_matrix(adata, layer)
     X = X.astype(np.float32)
     if is_counts:
         # a fixed warning location: shown once, however many times a tool normalises the same table
@@ -77,7 +64,7 @@ def _columns(X: sparse.csr_matrix, var_names: pd.Index, genes: Sequence[str]) ->
 
 def log_depth(adata, *, layer: str | None = None) -> np.ndarray:
     """``log1p`` of each spot's total count (sequencing depth); ``nan`` when only log-normalised data is at hand."""
-    X, is_counts = _counts_matrix(adata, layer)
+    X, is_counts = counts_matrix(adata, layer)
     if not is_counts:
         return np.full(adata.n_obs, np.nan, dtype=np.float32)
     return np.log1p(np.asarray(X.sum(axis=1)).ravel()).astype(np.float32)
@@ -85,7 +72,7 @@ def log_depth(adata, *, layer: str | None = None) -> np.ndarray:
 
 def candidate_genes(adata, *, min_frac: float = 0.1, layer: str | None = None) -> pd.Index:
     """Genes detected (count > 0) in at least ``min_frac`` of the spots (EVAL.md: 10 % of training spots)."""
-    X, _ = _counts_matrix(adata, layer)
+    X, _ = counts_matrix(adata, layer)
     frac = np.asarray((X > 0).mean(axis=0)).ravel()
     return adata.var_names[frac >= min_frac]
 

@@ -1,4 +1,4 @@
-"""``comtip demo`` / ``make demo``: the whole job on HER2ST, end to end, on the CPU."""
+"""``comtip demo`` / ``make demo`` (:func:`comtip.bench.run_demo`): the whole job on HER2ST, end to end, on the CPU."""
 
 from __future__ import annotations
 
@@ -13,12 +13,18 @@ MARKERS = ["ERBB2", "GRB7", "KRT19", "COL1A1", "IGKC"]  # HER2 amplicon, epithel
 
 
 def demo_config():
-    """The model of the demo: the offline CPU default (see ``benchmarks/README.md`` for how it was chosen)."""
-    from .model import CoMTIPConfig
+    """The model of the demo: the offline CPU default (see ``benchmarks/README.md`` for how it was chosen).
+
+    Returns
+    -------
+    :meth:`comtip.CoMTIPConfig.cpu`, a fresh one per call (train it with :data:`DEMO_PRETRAIN`).
+    """
+    from ..model import CoMTIPConfig
 
     return CoMTIPConfig.cpu()
 
 
+#: the :func:`comtip.tl.pretrain` arguments of the demo (with :func:`demo_config`)
 DEMO_PRETRAIN = {"max_epochs": 20, "batch_size": 32}
 
 
@@ -45,6 +51,10 @@ def run_demo(
     Returns
     -------
     The content of ``scores.json``.
+
+    Examples
+    --------
+    >>> ct.bench.run_demo("demo_out", quick=True)
     """
     import matplotlib
 
@@ -52,9 +62,9 @@ def run_demo(
     import numpy as np
     import torch
 
-    import comtip as ct
-
-    from .tl._evaluate import evaluate
+    from .. import datasets, pl, pp, tl
+    from .._settings import settings
+    from ._evaluate import evaluate
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -63,11 +73,11 @@ def run_demo(
     torch.set_num_threads(os.cpu_count() or 1)
     timings: dict[str, float] = {}
 
-    _say(f"reading HER2ST {TRAIN} (training) and {TEST} (held out) from {data_dir or ct.settings.data_dir}")
-    train = ct.datasets.her2st(TRAIN, data_dir=data_dir)
-    test = ct.datasets.her2st(TEST, data_dir=data_dir)
-    ct.pp.spot_tiles(train)
-    ct.pp.spot_tiles(test)
+    _say(f"reading HER2ST {TRAIN} (training) and {TEST} (held out) from {data_dir or settings.data_dir}")
+    train = datasets.her2st(TRAIN, data_dir=data_dir)
+    test = datasets.her2st(TEST, data_dir=data_dir)
+    pp.spot_tiles(train)
+    pp.spot_tiles(test)
     t = time.perf_counter()
     kwargs = dict(DEMO_PRETRAIN)
     if max_epochs is not None:
@@ -77,7 +87,7 @@ def run_demo(
     _say(
         f"pretraining CoMTIP on {train.tables['table'].n_obs} spots ({kwargs['max_epochs']} epochs, CPU default config)"
     )
-    model = ct.tl.pretrain(train, config=demo_config(), **kwargs)
+    model = tl.pretrain(train, config=demo_config(), **kwargs)
     timings["pretrain_s"] = time.perf_counter() - t
     model.save(out / "model", overwrite=True)
     _say(f"saved the model to {out / 'model'}")
@@ -85,9 +95,9 @@ def run_demo(
 
     t = time.perf_counter()
     _say("zero-shot prediction of C6 from histology alone, and scores")
-    ct.tl.embed(test, overwrite=True)
-    ct.tl.predict_expression(test, overwrite=True)
-    scores = ct.tl.score_expression(test, overwrite=True)
+    tl.embed(test, overwrite=True)
+    tl.predict_expression(test, overwrite=True)
+    scores = tl.score_expression(test, overwrite=True)
     timings["predict_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -101,12 +111,12 @@ def run_demo(
     ranked = scores.loc[[g for g in hvg if g in scores.index]].sort_values("pearson", ascending=False)
     best = list(ranked.index[:3])
     markers = [g for g in MARKERS if g in scores.index and g not in best][:3]
-    ct.pl.predicted_vs_measured(test, best, save=figs / "predicted_vs_measured_best.png", show=False, ncols=1)
+    pl.predicted_vs_measured(test, best, save=figs / "predicted_vs_measured_best.png", show=False, ncols=1)
     if markers:
-        ct.pl.predicted_vs_measured(test, markers, save=figs / "predicted_vs_measured_markers.png", show=False, ncols=1)
-    ct.pl.gene_scores(test, panel="hvg50", save=figs / "gene_scores_hvg50.png", show=False)
-    ct.pl.training_curves(model, save=figs / "training_curves.png", show=False)
-    ct.pl.embedding(test, save=figs / "embedding_umap.png", show=False)
+        pl.predicted_vs_measured(test, markers, save=figs / "predicted_vs_measured_markers.png", show=False, ncols=1)
+    pl.gene_scores(test, panel="hvg50", save=figs / "gene_scores_hvg50.png", show=False)
+    pl.training_curves(model, save=figs / "training_curves.png", show=False)
+    pl.embedding(test, save=figs / "embedding_umap.png", show=False)
     timings["figures_s"] = time.perf_counter() - t
     table.write_h5ad(out / "c6_predictions.h5ad")
 

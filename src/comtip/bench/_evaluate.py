@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 
 from .. import _constants as C
 from .._logging import logger
-from .._metrics import pearson_depth_adjusted, pearson_per_gene, recall_at_k, spearman_per_gene
-from .._progress import progress
-from ._data import Spots
-from ._reference import knn_retrieval, ridge_probe
+from .._metrics import panel_metrics, profile_recall, recall_at_k
+from ._predict import reference_predict, zero_shot
+from ._spots import embed_gene_sentences, image_embeddings, load_spots, with_spatial_context
 
 METHODS = (
     "comtip_zero_shot",
@@ -25,70 +23,6 @@ METHODS = (
     "imagenet_retrieval_dihedral",
     "mean",
 )
-
-
-def _spots(sdata, table_key: str, tiles_key: str) -> tuple[Spots, list[str]]:
-    from .._spatial import get_table
-
-    if tiles_key not in sdata.shapes:
-        from ..pp import spot_tiles
-
-        spot_tiles(sdata, key_added=tiles_key)
-    table = get_table(sdata, table_key)
-    spots = Spots(sdata, table, table.obs_names.to_numpy(dtype=object), tiles_key)
-    _, names = spots.tiled_rows()
-    return spots, names
-
-
-def _imagenet_features(
-    spots: Spots,
-    names: list[str],
-    *,
-    batch_size: int,
-    device,
-    dihedral: bool | Literal["both"] = False,
-    spatial_context: float = 0.0,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """EVAL.md's frozen ImageNet features; with ``dihedral``, averaged over the 8 flips/rotations of each tile.
-
-    ``dihedral="both"`` returns ``(one view, mean of the 8)`` from one pass over the 8 views. ``spatial_context``
-    mixes them with their neighbouring spots' mean, as for CoMTIP's embeddings.
-    """
-    from torch.utils.data import Subset
-
-    from ..data import SpotDataset, make_loader
-    from ..model._inference import DihedralMean, ImageNetEncoder, encode_batches
-    from ._embed import with_spatial_context
-
-    ds = SpotDataset(spots.sdata, genes=None, tiles_key=spots.tiles_key, obs_names=names)
-    order = ds.reader.read_order()
-    loader = make_loader(Subset(ds, order), batch_size=batch_size)
-    encoder = DihedralMean(ImageNetEncoder(), keep_first=dihedral == "both") if dihedral else ImageNetEncoder()
-    desc = "ImageNet features, 8 flips/rotations" if dihedral else "ImageNet features"
-    feats = encode_batches(encoder, progress(loader, desc=desc, total=len(loader)), device=device)
-    inv = np.empty_like(order)
-    inv[order] = np.arange(len(order))
-    feats = feats[inv]
-    if dihedral == "both":
-        half = feats.shape[1] // 2
-        parts = with_spatial_context({"one": feats[:, :half], "mean": feats[:, half:]}, spots, names, spatial_context)
-        return parts["one"], parts["mean"]
-    return with_spatial_context({"f": feats}, spots, names, spatial_context)["f"]
-
-
-def _metrics(pred: np.ndarray, true: np.ndarray, depth: np.ndarray, idx: dict[str, np.ndarray]) -> dict[str, float]:
-    out = {}
-    for panel, gi in idx.items():
-        p, t = pred[:, gi], true[:, gi]
-        out[f"pcc_{panel}"] = float(np.mean(pearson_per_gene(p, t)))
-        out[f"pcc_{panel}_adj"] = float(np.mean(pearson_depth_adjusted(p, t, depth)))
-        out[f"spearman_{panel}"] = float(np.mean(spearman_per_gene(p, t)))
-        out[f"mse_{panel}"] = float(np.mean((p - t) ** 2))
-    return out
-
-
-def _profile_recall(pred: np.ndarray, true: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float:
-    return recall_at_k((pred - mu) / sd, (true - mu) / sd, 5)
 
 
 def evaluate(
@@ -133,15 +67,32 @@ def evaluate(
         EVAL.md's protocol to the letter, each spot alone. CoMTIP's shared-space ``recall_at5`` ranks each spot's own
         image embedding either way, the one :func:`comtip.tl.embed` writes and :func:`comtip.tl.retrieve` ranks.
 
+    table_key
+        Table of both SpatialData objects.
+    tiles_key
+        Their tiles (made with :func:`comtip.pp.spot_tiles`' defaults where missing).
+    batch_size
+        Tiles per forward pass.
+    device
+        ``None``: CUDA when available, else CPU.
+    seed
+        Of the shuffled control's permutation.
+
     Returns
     -------
     ``{"methods": {name: {pcc_hvg50, pcc_heg250, pcc_hvg50_adj, pcc_heg250_adj, spearman_hvg50, spearman_heg250,
     mse_hvg50, mse_heg250, recall_at5}}, "panels": ..., "n_train_spots", "n_eval_spots", "dihedral",
-    "spatial_context", "seconds": ...}``.
+    "spatial_context", "seconds": ...}``; metrics rounded to 4 decimals. ``comtip evaluate`` prints and writes it.
+
+    Examples
+    --------
+    >>> train = ct.datasets.her2st(["C2", "C3", "C4", "C5"])
+    >>> test = ct.datasets.her2st(["C6"])
+    >>> res = ct.bench.evaluate(model, train, test)
+    >>> res["methods"]["comtip_zero_shot"]["pcc_hvg50_adj"]
     """
     from ..pp import eval_panels, log_depth, log_normalized
-    from ._embed import check_spatial_context, image_embeddings, with_spatial_context
-    from ._predict import _zero_shot
+    from ..tl._embed import check_spatial_context
 
     check_spatial_context(spatial_context)
     if methods is None:
@@ -152,8 +103,8 @@ def evaluate(
         raise ValueError(msg)
     t0 = time.perf_counter()
     secs: dict[str, float] = {}
-    tr_spots, tr_names = _spots(train, table_key, tiles_key)
-    te_spots, te_names = _spots(test, table_key, tiles_key)
+    tr_spots, tr_names = load_spots(train, table_key=table_key, tiles_key=tiles_key)
+    te_spots, te_names = load_spots(test, table_key=table_key, tiles_key=tiles_key)
     tr_tab, te_tab = tr_spots.table[tr_names], te_spots.table[te_names]
     panels = eval_panels(tr_tab)
     genes = list(dict.fromkeys(panels["hvg50"] + panels["heg250"]))
@@ -179,6 +130,8 @@ def evaluate(
             device=device,
             dihedral=dihedral,
             num_workers=0,
+            prompt=True,
+            spatial_context=0.0,
         )
         # Recall@5 ranks each spot's own image embedding, as ct.tl.embed writes it and ct.tl.retrieve ranks it;
         # the spatial context is for the predictions
@@ -187,19 +140,19 @@ def evaluate(
         secs["comtip_embed_eval"] = time.perf_counter() - t
     if "comtip_zero_shot" in methods:
         t = time.perf_counter()
-        pred = _zero_shot(model, e_te["prompt"], genes, descriptions=None, n_levels=None).astype(np.float64)
+        pred = zero_shot(model, e_te["prompt"], genes, descriptions=None, n_levels=None).astype(np.float64)
         secs["comtip_zero_shot"] = time.perf_counter() - t
-        r = _metrics(pred, y_te, depth, idx)
+        r = panel_metrics(pred, y_te, depth, idx)
         # shared space: image embedding of spot i against the gene-sentence embeddings of all evaluation spots
         emb_rows = embed_gene_sentences(model, te_tab, device=device)
         ok = np.isfinite(emb_rows).all(1)
         r["recall_at5"] = recall_at_k(own_image[ok], emb_rows[ok], 5)
-        r["recall_at5_profile"] = _profile_recall(pred, y_te, mu, sd)
+        r["recall_at5_profile"] = profile_recall(pred, y_te, mu, sd)
         res["comtip_zero_shot"] = r
         if shuffled_control:
             perm = np.random.default_rng(seed).permutation(len(te_names))
-            pred_s = _zero_shot(model, e_te["prompt"][perm], genes, descriptions=None, n_levels=None).astype(np.float64)
-            rs = _metrics(pred_s, y_te, depth, idx)
+            pred_s = zero_shot(model, e_te["prompt"][perm], genes, descriptions=None, n_levels=None).astype(np.float64)
+            rs = panel_metrics(pred_s, y_te, depth, idx)
             rs["recall_at5"] = recall_at_k(own_image[perm][ok], emb_rows[ok], 5)
             res["comtip_zero_shot_shuffled_images"] = rs
     if "comtip_retrieval" in methods or "comtip_probe" in methods:
@@ -218,9 +171,9 @@ def evaluate(
         secs["comtip_embed_train"] = time.perf_counter() - t
         for m in ("comtip_retrieval", "comtip_probe"):
             if m in methods:
-                pred = _reference_predict(m, e_tr["image"], y_tr, e_te["image"], idx, genes)
-                r = _metrics(pred, y_te, depth, idx)
-                r["recall_at5"] = _profile_recall(pred, y_te, mu, sd)
+                pred = reference_predict(m, e_tr["image"], y_tr, e_te["image"], idx, genes)
+                r = panel_metrics(pred, y_te, depth, idx)
+                r["recall_at5"] = profile_recall(pred, y_te, mu, sd)
                 res[m] = r
     # the ImageNet baselines: one view and/or the mean of the 8 flips/rotations, from one pass over the tiles
     wanted = {
@@ -229,11 +182,13 @@ def evaluate(
     }
     wanted = {k: v for k, v in wanted.items() if v}
     if wanted:
+        from ._imagenet import imagenet_features  # imports torch
+
         t = time.perf_counter()
         views = "both" if len(wanted) == 2 else "_dihedral" in wanted
         kw = {"batch_size": batch_size, "device": device, "dihedral": views, "spatial_context": spatial_context}
-        f_tr = _imagenet_features(tr_spots, tr_names, **kw)
-        f_te = _imagenet_features(te_spots, te_names, **kw)
+        f_tr = imagenet_features(tr_spots, tr_names, **kw)
+        f_te = imagenet_features(te_spots, te_names, **kw)
         if views == "both":
             feats = {"": (f_tr[0], f_te[0]), "_dihedral": (f_tr[1], f_te[1])}
         else:
@@ -242,13 +197,13 @@ def evaluate(
         for suffix, ms in wanted.items():
             fs_tr, fs_te = feats[suffix]
             for m in ms:
-                pred = _reference_predict(m, fs_tr, y_tr, fs_te, idx, genes)
-                r = _metrics(pred, y_te, depth, idx)
-                r["recall_at5"] = _profile_recall(pred, y_te, mu, sd)
+                pred = reference_predict(m, fs_tr, y_tr, fs_te, idx, genes)
+                r = panel_metrics(pred, y_te, depth, idx)
+                r["recall_at5"] = profile_recall(pred, y_te, mu, sd)
                 res[m] = r
     if "mean" in methods:
         pred = np.repeat(y_tr.mean(0, keepdims=True), len(y_te), 0)
-        r = _metrics(pred, y_te, depth, idx)
+        r = panel_metrics(pred, y_te, depth, idx)
         r["recall_at5"] = float("nan")
         res["mean"] = r
     return {
@@ -260,37 +215,3 @@ def evaluate(
         "spatial_context": spatial_context,
         "seconds": {k: round(v, 1) for k, v in secs.items()} | {"evaluate": round(time.perf_counter() - t0, 1)},
     }
-
-
-def _reference_predict(method: str, f_tr, y_tr, f_te, idx, genes) -> np.ndarray:
-    """Retrieval (all genes at once) or the probe (one α per panel, EVAL.md)."""
-    if "retrieval" in method:
-        return knn_retrieval(f_tr, y_tr, f_te, k=50, temperature=0.1)
-    pred = np.zeros((len(f_te), len(genes)))
-    for gi in idx.values():
-        p, _ = ridge_probe(f_tr, y_tr[:, gi], f_te)
-        pred[:, gi] = p
-    return pred
-
-
-def embed_gene_sentences(model, adata, *, device=None) -> np.ndarray:
-    """Gene-sentence embeddings (n_obs, d) of an AnnData's spots over the model's panel (NaN rows without panel genes)."""
-    from ..data import gene_sentences
-    from ..model._inference import embed_genes
-    from ..pp import log_normalized
-
-    expr = log_normalized(adata, genes=model.genes).toarray()
-    gidx, gval, gmask = gene_sentences(expr, model.config.sentence_length)
-    import torch
-
-    batches = (
-        {
-            "gene_idx": torch.from_numpy(gidx[i : i + 256]),
-            "gene_val": torch.from_numpy(gval[i : i + 256]),
-            "gene_mask": torch.from_numpy(gmask[i : i + 256]),
-        }
-        for i in range(0, len(gidx), 256)
-    )
-    emb = embed_genes(model, batches, device=device)
-    emb[~gmask.any(1)] = np.nan
-    return emb
