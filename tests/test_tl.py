@@ -342,6 +342,12 @@ def test_spatial_context_mixes_each_spot_with_its_neighbours(model, test_sdata, 
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     alone = _zero_shot(model, emb["prompt"], genes, descriptions=None, n_levels=None)
     assert np.abs(got - alone).max() > 1e-3  # the context changes predictions
+    # the neighbour graph is stored for inspection: squidpy's radius graph, symmetric, each spot's ST-grid neighbours
+    graph = table.obsp["comtip_spatial_connectivities"]
+    assert table.uns["comtip"]["predict_expression"]["spatial_graph"] == "comtip_spatial_connectivities"
+    assert graph.shape == (table.n_obs, table.n_obs) and (graph != graph.T).nnz == 0 and graph.diagonal().sum() == 0
+    deg = np.asarray(graph.sum(1)).ravel()[pos]
+    assert deg.max() <= 8 and np.median(deg) >= 3
 
     # the stored training reference keeps its spots' positions, so reference methods mix those spots too
     ct.tl.predict_expression(

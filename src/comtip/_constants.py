@@ -35,6 +35,8 @@ TILE_SIZE_UM = 112.0
 TILE_SIZE_PX = 224
 # share of a spot's neighbours in its image embedding at prediction (picked on HER2ST's validation section C5)
 SPATIAL_CONTEXT = 0.5
+#: .obsp key of the spatial-neighbour graph that the spatial context averages over (squidpy radius graph)
+SPATIAL_GRAPH_KEY = "comtip_spatial_connectivities"
 HER2ST_MPP = 0.688  # µm per full-resolution pixel (290.6 px per 200 µm array step)
 HER2ST_SPOT_DIAMETER_UM = 100.0
 VISIUM_SPOT_DIAMETER_UM = 55.0

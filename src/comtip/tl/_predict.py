@@ -194,7 +194,10 @@ def predict_expression(
         three training seeds (see the benchmarks page). 0 predicts each spot from its own tile alone. For
         ``"retrieval"``/``"probe"`` the reference spots are mixed the same way (the model's stored training
         reference keeps their positions; with a model saved by an earlier comtip, whose reference has none, each
-        spot is predicted alone, with a warning).
+        spot is predicted alone, with a warning). The neighbours come from squidpy's radius graph
+        (:func:`squidpy.gr.spatial_neighbors_radius`, per section); the graph is written to
+        ``.obsp["comtip_spatial_connectivities"]`` so that it can be inspected (replaced by each prediction with
+        spatial context: it depends only on the tiles).
     table_key, tiles_key
         Table and tiles of a SpatialData.
     batch_size
@@ -348,6 +351,9 @@ def predict_expression(
             adata.obsm[key_added] = pd.DataFrame(
                 full[:, [col[g] for g in unmeasured]], index=adata.obs_names, columns=unmeasured
             )
+    graph_key = None
+    if spatial_context and not image_only:
+        graph_key = _store_spatial_graph(adata, spots, pos, names)
     record(
         adata,
         "predict_expression",
@@ -360,6 +366,7 @@ def predict_expression(
             "spatial_context": spatial_context,
             "layer_added": key_added,
             "image_embeddings_reused": reused,
+            "spatial_graph": graph_key,
             **extra,
             **provenance,
         },
@@ -368,6 +375,22 @@ def predict_expression(
     where += [f".obsm[{key_added!r}] ({len(unmeasured)} genes)"] if unmeasured and not image_only else []
     logger.info("%s predictions of %d spots in %s", method, len(pos), " and ".join(where))
     return data if copy else key_added
+
+
+def _store_spatial_graph(adata, spots, pos: np.ndarray, names: list[str]) -> str:
+    """Write the neighbour graph the spatial context averaged over to ``.obsp``, for users to inspect; its key.
+
+    The graph of :func:`comtip._spatial.spatial_graph` (squidpy's radius graph per section), over the table's rows
+    (spots without a tile have no neighbours). It depends only on the tiles, so a later prediction replaces it.
+    """
+    from scipy import sparse
+
+    from .._spatial import spatial_graph
+
+    adj = spatial_graph(*spots.centres(names)).tocoo()
+    n = adata.n_obs
+    adata.obsp[C.SPATIAL_GRAPH_KEY] = sparse.csr_matrix((adj.data, (pos[adj.row], pos[adj.col])), shape=(n, n))
+    return C.SPATIAL_GRAPH_KEY
 
 
 def _replace_image_only_table(data, adata, genes, full, *, table_key: str, layer_added: str):
