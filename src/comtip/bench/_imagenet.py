@@ -61,15 +61,15 @@ def imagenet_features(
     device
         ``None``: CUDA when available, else CPU.
     dihedral
-        ``True``: each tile's features averaged over its 8 flips/rotations; ``"both"``: one view and that mean, from
-        one pass over the 8 views; ``False`` (EVAL.md's baselines): one view.
+        ``True`` averages each tile's features over its 8 flips/rotations, ``'both'`` returns one view and that mean
+        (from one pass over the 8 views), ``False`` (EVAL.md's baselines) one view.
     spatial_context
         Mix the features with their neighbouring spots' mean, as for CoMTIP's embeddings (0 = each spot alone).
 
     Returns
     -------
-    ``(n, 1280)`` float32 features in the order of ``obs_names``; with ``dihedral="both"``, ``(one view, mean of
-    the 8)``.
+    ``(n, 1280)`` float32 features in the order of ``obs_names``; with ``dihedral="both"``, a tuple: one view's
+    features and the mean of the 8 views'.
 
     Examples
     --------

@@ -89,9 +89,11 @@ class CoMTIPDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self):
+        """The training loader: shuffled, incomplete last batch dropped."""
         return self._loader(self.train, shuffle=True, drop_last=True)
 
     def val_dataloader(self):
+        """The validation loader (in order, every spot), or ``[]`` without validation spots."""
         if self.val is None:
             return []
         return self._loader(self.val, shuffle=False, drop_last=False)
