@@ -925,3 +925,26 @@ def test_gene_offset_dropout_leaves_offsets_out_in_training_only():
     assert 0.3 < dropped.float().mean() < 0.7
     with pytest.raises(ValueError, match="gene_offset_dropout"):
         ct.CoMTIPConfig.tiny(gene_offset_dropout=1.0)
+
+
+@pytest.mark.parametrize("gene_embedding", ["text+offset", "learned"])
+def test_gene_encoder_gradients_are_reproducible(gene_embedding):
+    """Repeated genes in a batch: the per-gene parameters' gradients are the same bits on every backward pass.
+
+    Indexing a parameter (``offset[gene_idx]``) sums the rows of repeated genes in a thread-dependent order on the
+    CPU; this made identical training runs drift apart in the last bits (benchmarks/README: run to run).
+    """
+    torch.manual_seed(0)
+    n_genes, dim = 64, 128
+    learned = gene_embedding == "learned"
+    cfg = ct.CoMTIPConfig.tiny(gene_embedding=gene_embedding, gene_dim=dim, text_dim=None if learned else 8)
+    enc = ct.model.GeneTextEncoder(cfg, n_genes, None if learned else torch.randn(n_genes, 8))
+    idx = torch.randint(0, n_genes, (32, 64))
+    weight = torch.randn(32, 64, dim)
+    param = enc.gene_offset if gene_embedding == "text+offset" else enc.gene_emb
+    grads = []
+    for _ in range(10):
+        param.grad = None
+        (enc.gene_tokens(idx) * weight).sum().backward()
+        grads.append(param.grad.clone())
+    assert all(torch.equal(grads[0], g) for g in grads[1:])

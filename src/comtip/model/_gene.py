@@ -11,6 +11,7 @@ import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -136,11 +137,14 @@ class GeneTextEncoder(nn.Module):
 
     def gene_tokens(self, gene_idx: Tensor) -> Tensor:
         """Gene-name embeddings (…, D) of panel indices."""
+        # F.embedding, not parameter[gene_idx]: its backward sums the rows of repeated genes in a fixed order, while
+        # indexing's backward (index_put_ with accumulate) sums them in a thread-dependent order on the CPU, so that
+        # two identical training runs drifted apart in the last bits (benchmarks/README: run to run)
         if self.gene_embedding == "learned":
-            return self.gene_emb[gene_idx]
+            return F.embedding(gene_idx, self.gene_emb)
         emb = self.text_proj(self.text_emb[gene_idx])
         if self.gene_embedding == "text+offset":
-            offset = self.gene_offset[gene_idx]
+            offset = F.embedding(gene_idx, self.gene_offset)
             if self.training and self.offset_dropout > 0:  # some genes by their text alone, as genes added later
                 keep = torch.rand(self.gene_offset.shape[0], device=offset.device) >= self.offset_dropout
                 offset = offset * keep[gene_idx].unsqueeze(-1).to(offset.dtype)
