@@ -163,3 +163,26 @@ def test_sdata():
     sd = make_sdata(sections=("T1",), seed=7)
     ct.pp.spot_tiles(sd, tile_size_um=40, tile_size_px=64)
     return sd
+
+
+@pytest.fixture
+def visium_adata(test_sdata):
+    """The spots of ``test_sdata`` as a scanpy Visium-style AnnData (``uns['spatial']`` with the H&E, full-res px)."""
+    import anndata as ad
+    import pandas as pd
+
+    from comtip._images import level_arrays
+
+    t = test_sdata.tables["table"]
+    g = test_sdata.shapes["T1_spots"].geometry
+    img = np.moveaxis(np.asarray(level_arrays(test_sdata.images["T1_he"])[0].data), 0, -1)
+    adata = ad.AnnData(
+        X=t.layers["counts"].copy(),
+        obs=pd.DataFrame(index=[f"spot{i}" for i in range(t.n_obs)]),
+        var=pd.DataFrame(index=t.var_names),
+    )
+    adata.obsm["spatial"] = np.column_stack([g.x, g.y])
+    adata.uns["spatial"] = {
+        "T1": {"images": {"hires": img}, "scalefactors": {"tissue_hires_scalef": 1.0, "spot_diameter_fullres": 55.0}}
+    }
+    return adata

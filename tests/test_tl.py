@@ -259,22 +259,9 @@ def test_save_load_model_round_trip(model, test_sdata, tmp_path):
         ct.tl.load_model(tmp_path / "nothing-here")
 
 
-def test_anndata_input(model, test_sdata):
+def test_anndata_input(model, test_sdata, visium_adata):
     """A scanpy Visium-style AnnData (uns['spatial'] with the H&E, obsm['spatial'] in full-res pixels) works as input."""
-    from comtip._images import level_arrays
-
-    t = test_sdata.tables["table"]
-    g = test_sdata.shapes["T1_spots"].geometry
-    img = np.moveaxis(np.asarray(level_arrays(test_sdata.images["T1_he"])[0].data), 0, -1)
-    adata = ad.AnnData(
-        X=t.layers["counts"].copy(),
-        obs=pd.DataFrame(index=[f"spot{i}" for i in range(t.n_obs)]),
-        var=pd.DataFrame(index=t.var_names),
-    )
-    adata.obsm["spatial"] = np.column_stack([g.x, g.y])
-    adata.uns["spatial"] = {
-        "T1": {"images": {"hires": img}, "scalefactors": {"tissue_hires_scalef": 1.0, "spot_diameter_fullres": 55.0}}
-    }
+    adata = visium_adata
     keys = ct.tl.embed(adata, model)
     assert adata.obsm[keys[0]].shape == (36, model.embed_dim)
     ct.tl.predict_expression(adata, model, genes=["ERBB2", "CDH1"], dihedral=False)

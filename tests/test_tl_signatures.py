@@ -29,25 +29,6 @@ def model(trained):
     return copy.deepcopy(trained[0])
 
 
-def visium_adata(sdata) -> ad.AnnData:
-    """A scanpy Visium-style AnnData (``uns['spatial']`` with the H&E) of the spots of a one-section SpatialData."""
-    from comtip._images import level_arrays
-
-    t = sdata.tables["table"]
-    g = sdata.shapes["T1_spots"].geometry
-    img = np.moveaxis(np.asarray(level_arrays(sdata.images["T1_he"])[0].data), 0, -1)
-    adata = ad.AnnData(
-        X=t.layers["counts"].copy(),
-        obs=pd.DataFrame(index=[f"spot{i}" for i in range(t.n_obs)]),
-        var=pd.DataFrame(index=t.var_names),
-    )
-    adata.obsm["spatial"] = np.column_stack([g.x, g.y])
-    adata.uns["spatial"] = {
-        "T1": {"images": {"hires": img}, "scalefactors": {"tissue_hires_scalef": 1.0, "spot_diameter_fullres": 55.0}}
-    }
-    return adata
-
-
 # ------------------------------------------------------------------------------------------- snapshots
 def _plain(v):
     if sparse.issparse(v):
@@ -211,8 +192,8 @@ def test_copy_leaves_the_input_and_returns_the_results(name, model, test_sdata):
         pd.testing.assert_series_equal(table.var["comtip_pearson"], test_sdata.tables["table"].var["comtip_pearson"])
 
 
-def test_copy_of_an_anndata(model, test_sdata):
-    adata = visium_adata(test_sdata)
+def test_copy_of_an_anndata(model, visium_adata):
+    adata = visium_adata
     before = state(adata)
     out = ct.tl.embed(adata, model, copy=True)
     assert_same(before, state(adata))
@@ -243,10 +224,10 @@ def conversions(monkeypatch):
     return calls
 
 
-def test_anndata_is_converted_once(model, test_sdata, conversions, tmp_path):
+def test_anndata_is_converted_once(model, visium_adata, conversions, tmp_path):
     from comtip.tl import _data
 
-    adata = visium_adata(test_sdata)
+    adata = visium_adata.copy()  # our own reference only: the entry must go when it is freed
     ct.tl.embed(adata, model)
     ct.tl.predict_expression(adata, model, genes=GENES, dihedral=False)
     ct.tl.retrieve(adata, model)
@@ -329,8 +310,8 @@ def test_predict_reuses_the_embeddings_of_embed(method, model, test_sdata, monke
         pd.testing.assert_frame_equal(table.obsm["reused"], table.obsm["fresh"])
 
 
-def test_predict_reuses_embeddings_of_an_anndata(model, test_sdata, encodings, tmp_path):
-    adata = visium_adata(test_sdata)
+def test_predict_reuses_embeddings_of_an_anndata(model, visium_adata, encodings, tmp_path):
+    adata = visium_adata
     ct.tl.embed(adata, model)
     ct.tl.predict_expression(adata, model, genes=GENES, dihedral=False, spatial_context=0.5)
     assert encodings == []
